@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny Fashion-MNIST in the real IDX format, written by the tests."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+REAL_DATA = pytest.mark.skipif(
+    not (DEBIAN_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
+    reason="Debian dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)",
+)
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
+    """IDX as in the original files: magic (0, 0, type 0x08 = ubyte, ndim), big-endian dims."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+
+
+def make_fashion_mnist(folder: Path, n_train: int = 64, n_test: int = 32, compress: bool = True, seed: int = 0) -> Path:
+    """Images whose class is visible (a bright horizontal bar at a class-dependent row), so a
+    few training steps can learn something."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 40, size=(n, 28, 28))
+        for i, y in enumerate(labels):
+            images[i, 2 + 2 * y : 4 + 2 * y, 4:24] = 250
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", images, compress)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, compress)
+    return folder
+
+
+@pytest.fixture
+def tiny_data(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("NIN_CACHE_DIR", str(tmp_path / "cache"))
+    return make_fashion_mnist(tmp_path / "fmnist")

@@ -1,0 +1,174 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training import data, train
+from training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from training.config import NiNConfig
+from training.data import to_model_input
+from training.lr_find import suggest_lr
+from training.model import NiN, init_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small and quick: a quarter of the channels, a few images, no per-step checkpoints.
+FAST = ["--width", "0.25", "--batch-size", "8", "--eval-limit", "16", "--checkpoint-every", "0", "--device", "cpu"]
+
+
+def run_cli(*argv: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training", *argv], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_a_few_steps_overfit_one_batch():
+    torch.manual_seed(0)
+    cfg = NiNConfig(batch_norm=True, width=0.25, dropout=0.0)
+    model = NiN(cfg)
+    init_weights(model, "kaiming")
+    x_u8 = torch.randint(0, 255, (8, 28, 28), dtype=torch.uint8)
+    x, y = to_model_input(x_u8, cfg), torch.arange(8) % 10
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(15):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_checkpoint_round_trip_is_weights_only_and_atomic(tmp_path):
+    cfg = NiNConfig(batch_norm=True, width=0.5)
+    model = NiN(cfg)
+    path = tmp_path / "m.pt"
+    save_checkpoint({"model": model.state_dict(), "model_config": cfg.to_dict(), "epoch": 3}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left behind
+    ckpt = torch.load(path, weights_only=True)
+    rebuilt, cfg2 = model_from_checkpoint(ckpt)
+    assert cfg2 == cfg and not rebuilt.training
+    for a, b in zip(model.state_dict().values(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_bad_checkpoints_get_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a NiN checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_max_steps_run_still_evaluates_and_writes_everything(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("--data-dir", str(tiny_data), "--out", str(out), "--max-steps", "3", *FAST)
+    assert r.returncode == 0, r.stderr
+    for name in ("args.json", "best.pt", "last.pt", "metrics.csv", "curves.png"):
+        assert (out / name).is_file(), name
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 2 and "test_acc" in rows[0]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 0 and ckpt["batch_in_epoch"] == 3
+    assert ckpt["model_config"]["width"] == 0.25 and ckpt["args"]["preset"] == "strong"
+    assert json.loads((out / "args.json").read_text())["model_config"]["batch_norm"] is True
+
+
+def test_resume_continues_to_the_same_state_as_an_uninterrupted_run(tiny_data, tmp_path):
+    once = run_cli("--data-dir", str(tiny_data), "--out", str(tmp_path / "once"), "--max-steps", "4", *FAST)
+    assert once.returncode == 0, once.stderr
+    first = run_cli("--data-dir", str(tiny_data), "--out", str(tmp_path / "twice"), "--max-steps", "2", *FAST)
+    assert first.returncode == 0, first.stderr
+    second = run_cli("--data-dir", str(tiny_data), "--out", str(tmp_path / "twice"), "--max-steps", "2",
+                     "--resume", *FAST)
+    assert second.returncode == 0, second.stderr
+    a, b = load_checkpoint(tmp_path / "once/last.pt"), load_checkpoint(tmp_path / "twice/last.pt")
+    assert a["batch_in_epoch"] == b["batch_in_epoch"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 4
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_data, tmp_path):
+    r = run_cli("--data-dir", str(tiny_data), "--out", str(tmp_path / "nan"), "--max-steps", "40", "--lr", "1e30",
+                "--no-batch-norm", *FAST)
+    assert r.returncode == 3
+    assert "loss became" in r.stderr and "lower --lr" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--max-steps", "-1"], "--max-steps must be positive"),
+    (["--data-dir", "/nonexistent"], "apt-get install dataset-fashion-mnist"),
+])
+def test_bad_arguments_exit_with_one_line(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "no-debian")
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path / "none"))
+    monkeypatch.setattr(data, "FashionMNIST", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    assert train.cli(["--out", str(tmp_path / "x"), "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "x" / "last.pt").exists()
+
+
+def test_sigterm_saves_and_exits(tiny_data, tmp_path):
+    out = tmp_path / "sig"
+    proc = subprocess.Popen([sys.executable, "-m", "training", "--data-dir", str(tiny_data), "--out", str(out),
+                             "--epochs", "50", *FAST], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    # wait until training has written its first epoch, then interrupt it mid-run
+    for _ in range(600):
+        if (out / "metrics.csv").exists():
+            break
+        try:
+            proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+    proc.terminate()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + 15, err
+    assert "continue with --resume" in err
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] >= 1
+
+
+def test_lr_suggestion_is_at_the_steepest_descent():
+    lrs = [10 ** (-5 + i * 0.1) for i in range(50)]
+    # flat, then falling fastest around 1e-2, then exploding
+    losses = [2.3 - 2.0 / (1 + 10 ** (-(i - 30) / 3)) + (max(0, i - 42) ** 2) * 0.2 for i in range(50)]
+    s = suggest_lr(lrs, losses)
+    assert 3e-3 < s < 3e-2
+    with pytest.raises(ValueError):
+        suggest_lr(lrs[:3], losses[:3])
+
+
+def test_lr_find_writes_curve_and_suggestion(tiny_data, tmp_path):
+    out = tmp_path / "lr"
+    r = run_cli("--data-dir", str(tiny_data), "--out", str(out), "--lr-find", "--lr-find-steps", "12", *FAST)
+    assert r.returncode == 0, r.stderr
+    assert "suggested lr" in r.stdout
+    data = json.loads((out / "lr_find.json").read_text())
+    assert data["suggested_lr"] > 0 and (out / "lr_find.png").stat().st_size > 1000
+
+
+@pytest.mark.integration
+def test_ddp_two_processes_on_cpu(tiny_data, tmp_path):
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "training", "--data-dir", str(tiny_data), "--out", str(out), "--max-steps", "2", *FAST],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "last.pt").is_file()
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 2
+    # evaluation was reduced over both ranks: all 16 evaluation images counted once
+    assert rows[1].split(",")[rows[0].split(",").index("test_images")] == "16"
+    assert json.loads((out / "args.json").read_text())["world_size"] == 2

@@ -1,0 +1,5 @@
+import sys
+
+from training.train import cli
+
+sys.exit(cli())

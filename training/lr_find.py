@@ -1,0 +1,70 @@
+"""Learning-rate range test (Smith 2017): raise the lr exponentially, one batch per step, and
+watch the loss. The suggestion is the lr where the smoothed loss falls fastest, a common rule
+that lands a little below the lr at which training blows up."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training.checkpoint import atomic_write
+from training.data import random_crop_flip, to_model_input
+from training.plots import plot_lr_find
+
+log = logging.getLogger(__name__)
+
+
+def suggest_lr(lrs: list[float], losses: list[float]) -> float:
+    """The lr at the steepest descent of the loss against log(lr), ignoring the noisy first
+    tenth of the sweep and everything after the loss minimum's blow-up."""
+    if len(lrs) < 5:
+        raise ValueError(f"need at least 5 points to suggest an lr, got {len(lrs)}")
+    lo = len(lrs) // 10
+    hi = int(np.argmin(losses)) + 1
+    if hi - lo < 3:
+        return float(lrs[max(hi - 1, 0)] / 10)
+    grad = np.gradient(np.asarray(losses[lo:hi]), np.log(np.asarray(lrs[lo:hi])))
+    return float(lrs[lo + int(np.argmin(grad))])
+
+
+def run_lr_find(model, images, labels, config, rt, args, out: Path,
+                start_lr: float = 1e-5, end_lr: float = 2.0) -> int:
+    from training.train import build_optimizer  # the same optimizer the run would use
+
+    steps = args.lr_find_steps
+    optimizer = build_optimizer(model, args)
+    gamma = (end_lr / start_lr) ** (1 / max(steps - 1, 1))
+    gen = torch.Generator().manual_seed(args.seed)
+    lrs, losses, smooth = [], [], None
+    model.train()
+    for step in range(steps):
+        lr = start_lr * gamma**step
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, len(images), (args.batch_size,), generator=gen).to(images.device)
+        x_u8 = random_crop_flip(images[idx]) if args.augment else images[idx]
+        with rt.autocast():
+            loss = F.cross_entropy(model(to_model_input(x_u8, config, rt.channels_last)).float(), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+        smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
+        debiased = smooth / (1 - 0.9 ** (step + 1)) if step < 50 else smooth
+        if not math.isfinite(value) or (losses and debiased > 4 * min(losses)):
+            break
+        lrs.append(lr)
+        losses.append(debiased)
+    suggestion = suggest_lr(lrs, losses)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_lr_find(lrs, losses, suggestion, out / "lr_find.png")
+    atomic_write(out / "lr_find.json", lambda tmp: tmp.write_text(json.dumps(
+        {"lrs": lrs, "losses": losses, "suggested_lr": suggestion}, indent=1)))
+    print(f"suggested lr: {suggestion:.3g} (curve: {out / 'lr_find.png'})")
+    return 0
