@@ -24,7 +24,7 @@ from training.engine import NonFiniteLossError, evaluate, per_class_accuracy, tr
 from training.model import NiN, init_weights
 from training.plots import plot_curves
 from training.presets import PRESETS
-from training.runtime import Runtime, make_runtime, peak_memory_mb
+from training.runtime import Runtime, hardware_name, make_runtime, peak_memory_mb
 
 log = logging.getLogger("training")
 
@@ -213,8 +213,11 @@ def main(args: argparse.Namespace) -> int:
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
             "model_config": config.to_dict(), "args": vars(args), "metrics": metrics, "rng": rng,
+            "runtime": runtime_info,
         }
 
+    runtime_info = {"device": str(rt.device), "hardware": hardware_name(rt.device), "world_size": rt.world_size,
+                    "command": " ".join(["python -m training", *sys.argv[1:]])}
     stop, steps_left = StopFlag(), args.max_steps
     best = max((m["test_acc"] for m in metrics if m["image_size"] == config.image_size), default=-1.0)
     for epoch in range(start_epoch, args.epochs):
