@@ -46,3 +46,34 @@ def make_fashion_mnist(folder: Path, n_train: int = 64, n_test: int = 32, compre
 def tiny_data(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("NIN_CACHE_DIR", str(tmp_path / "cache"))
     return make_fashion_mnist(tmp_path / "fmnist")
+
+
+@pytest.fixture(scope="session")
+def served_model(tmp_path_factory) -> Path:
+    """A small random-weight NiN exported with its card and int8 variant, as the server wants."""
+    import torch
+
+    from export.exporter import ExportOptions, export_checkpoint
+    from training.checkpoint import save_checkpoint
+    from training.config import NiNConfig
+    from training.model import NiN
+
+    root = tmp_path_factory.mktemp("served")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NIN_CACHE_DIR", str(root / "cache"))
+    data = make_fashion_mnist(root / "data", n_train=64, n_test=20)
+    torch.manual_seed(0)
+    cfg = NiNConfig(batch_norm=True, width=0.25)
+    save_checkpoint({"model": NiN(cfg).state_dict(), "model_config": cfg.to_dict()}, root / "ckpt.pt")
+    export_checkpoint(root / "ckpt.pt", root / "model", ExportOptions(data_dir=str(data), fp16=False, register=False,
+                                                                     calibration_images=32, timing=False))
+    mp.undo()
+    return root / "model"
+
+
+def png_bytes(img) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

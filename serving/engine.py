@@ -1,0 +1,207 @@
+"""The onnxruntime session behind the service: provider and variant choice, warm-up, memory."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from serving import model_files
+from serving.model_files import ModelLoadError
+
+log = logging.getLogger("serving")
+
+# cuDNN's EXHAUSTIVE search re-benchmarks every new input shape (hundreds of ms each), and
+# adaptive batching produces many shapes; HEURISTIC picks an algorithm without benchmarking.
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None = None  # folder or BentoML tag; None = the model shipped in the repo
+    device: str = "auto"  # auto | cuda | cpu
+    require_gpu: bool = False
+    variant: str = "auto"  # auto | fp32 | int8 | fp16
+    max_batch_size: int = 16
+    max_wait_ms: float = 0.0
+    threads: int = 0  # onnxruntime intra-op threads; 0 = one per core
+    max_bytes: int = 10 * 2**20
+    max_pixels: int = 4096 * 4096
+    max_batch_images: int = 64
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        e = os.environ.get
+        try:
+            return cls(
+                model=e("NIN_MODEL") or None, device=e("NIN_DEVICE", "auto"),
+                require_gpu=e("NIN_REQUIRE_GPU", "0").lower() in ("1", "true", "yes"),
+                variant=e("NIN_VARIANT", "auto"), max_batch_size=int(e("NIN_MAX_BATCH_SIZE", "16")),
+                max_wait_ms=float(e("NIN_MAX_WAIT_MS", "0")), threads=int(e("NIN_THREADS", "0")),
+                max_bytes=int(e("NIN_MAX_BYTES", str(10 * 2**20))), max_pixels=int(e("NIN_MAX_PIXELS", str(4096 * 4096))),
+                max_batch_images=int(e("NIN_MAX_BATCH_IMAGES", "64")),
+            )
+        except ValueError as err:
+            raise ModelLoadError(f"bad NIN_* setting: {err}") from None
+
+
+def read_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+class GpuMemory:
+    """GPU memory this process holds, from NVML (onnxruntime has no API for it)."""
+
+    def __init__(self) -> None:
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or 0))
+        self.name = pynvml.nvmlDeviceGetName(self._handle)
+
+    def used_mb(self) -> float | None:
+        pid = os.getpid()
+        for p in self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
+            if p.pid == pid and p.usedGpuMemory is not None:
+                return p.usedGpuMemory / 2**20
+        return None
+
+
+class Engine:
+    """Loads and verifies the model, opens the session, warms up every batch size."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.folder = model_files.resolve(settings.model)
+        self.card = model_files.load_card(self.folder)
+        self.contract = self.card["input_contract"]
+        self.class_names = self.card["class_names"]
+        self.session, self.provider = self._open_session()
+        self.input_name = self.session.get_inputs()[0].name
+        self.gpu = self._gpu_probe()
+        self.ready = threading.Event()
+        self.warmup_ms: dict[int, float] = {}
+
+    def _wants_cuda(self) -> bool:
+        if self.settings.device == "cpu":
+            return False
+        return "CUDAExecutionProvider" in ort.get_available_providers()
+
+    def _open_session(self) -> tuple[ort.InferenceSession, str]:
+        s = self.settings
+        cuda = self._wants_cuda()
+        if cuda and hasattr(ort, "preload_dlls"):
+            try:  # CUDA/cuDNN from the nvidia-* pip wheels, when they are installed
+                ort.preload_dlls()
+            except Exception as e:  # noqa: BLE001 - a missing library shows up as the CPU fallback below
+                log.warning("onnxruntime.preload_dlls failed: %s", e)
+        session, active = self._session(cuda)
+        if (s.require_gpu or s.device == "cuda") and active != "CUDAExecutionProvider":
+            raise ModelLoadError(f"a GPU is required (NIN_REQUIRE_GPU/NIN_DEVICE) but onnxruntime runs on {active}; "
+                                 "check the CUDA 13 / cuDNN 9 libraries (pip install onnxruntime-gpu[cuda,cudnn])")
+        if cuda and active != "CUDAExecutionProvider":
+            # onnxruntime falls back silently when the CUDA provider cannot load: say so, and
+            # serve the variant meant for CPUs.
+            log.warning("CUDA execution provider could not start; falling back to the CPU")
+            session, active = self._session(False)
+        log.info("serving %s (%s) on %s", self.folder / model_files.VARIANT_FILES[self.variant], self.variant, active)
+        return session, active
+
+    def _session(self, cuda: bool) -> tuple[ort.InferenceSession, str]:
+        self.variant = self._choose_variant(cuda)
+        path = model_files.verified_file(self.folder, self.card, self.variant)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.settings.threads:
+            opts.intra_op_num_threads = self.settings.threads
+        providers = ([("CUDAExecutionProvider", CUDA_OPTIONS)] if cuda else []) + ["CPUExecutionProvider"]
+        try:
+            session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as e:
+            raise ModelLoadError(f"onnxruntime cannot load {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        return session, session.get_providers()[0]
+
+    def _choose_variant(self, cuda: bool) -> str:
+        have = model_files.available_variants(self.card)
+        want = self.settings.variant
+        if want != "auto":
+            if want not in model_files.VARIANT_FILES:
+                raise ModelLoadError(f"NIN_VARIANT must be auto, fp32, int8 or fp16, got {want!r}")
+            return want
+        # int8 is fastest on CPUs; fp16 halves memory traffic on GPUs; fp32 is always there.
+        for v in (["fp16"] if cuda else ["int8"]) + ["fp32"]:
+            if v in have:
+                return v
+        raise ModelLoadError(f"no servable model file in {self.folder} (card lists {have})")
+
+    def _gpu_probe(self) -> GpuMemory | None:
+        if self.provider != "CUDAExecutionProvider":
+            return None
+        try:
+            return GpuMemory()
+        except Exception as e:  # noqa: BLE001 - memory figures are optional, serving is not
+            log.warning("NVML unavailable, no GPU memory figures: %s", e)
+            return None
+
+    def warm_up(self) -> None:
+        """Run every batch size the batcher can form once, so no request pays for a first run."""
+        size = self.contract["image_size"]
+        x = np.zeros((self.settings.max_batch_size, self.contract["channels"], size, size), np.float32)
+        for b in range(1, self.settings.max_batch_size + 1):
+            t = time.perf_counter()
+            self.session.run(None, {self.input_name: x[:b]})
+            self.warmup_ms[b] = round((time.perf_counter() - t) * 1000, 2)
+        self.ready.set()
+        log.info("warm-up done for batch sizes 1..%d", self.settings.max_batch_size)
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Logits for a batch, with the process's peak RSS over the run (and GPU memory)."""
+        reset_peak_rss()
+        logits = self.session.run(None, {self.input_name: x})[0]
+        info = {"peak_rss_mb": round((read_status_kb("VmHWM") or 0) / 1024, 1)}
+        if self.gpu is not None:
+            info["gpu_mb"] = self.gpu.used_mb()
+        return logits, info
+
+    def describe(self) -> dict:
+        return {
+            "model_folder": str(self.folder),
+            "variant": self.variant,
+            "provider": self.provider,
+            "available_providers": ort.get_available_providers(),
+            "gpu": self.gpu.name if self.gpu else None,
+            "input_contract": self.contract,
+            "class_names": self.class_names,
+            "batching": {"max_batch_size": self.settings.max_batch_size, "max_wait_ms": self.settings.max_wait_ms},
+            "limits": {"max_bytes": self.settings.max_bytes, "max_pixels": self.settings.max_pixels,
+                       "max_batch_images": self.settings.max_batch_images},
+            "ready": self.ready.is_set(),
+            "warmup_ms": self.warmup_ms,
+            "card": {k: v for k, v in self.card.items() if k not in ("confusion_matrix",)},
+        }
+
+

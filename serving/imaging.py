@@ -1,0 +1,129 @@
+"""Uploads -> the model's input: decode, validate, convert, resize, normalize.
+
+Plain functions over bytes and arrays, tested without a server. Every rejection is an
+`InputError` carrying the HTTP status the server answers with.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+ALLOWED_FORMATS = {"PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF"}
+# PIL's own bomb check raises only at 2x its limit; we check the header ourselves first.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class InputError(Exception):
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(f"{error}: {detail}")
+        self.status, self.error, self.detail = status, error, detail
+
+    def to_json(self) -> dict:
+        return {"error": self.error, "detail": self.detail}
+
+
+@dataclass
+class Decoded:
+    image: Image.Image  # 8-bit grayscale ("L") at the contract's size
+    format: str
+    original_mode: str
+    original_size: tuple[int, int]
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        return {"format": self.format, "mode": self.original_mode, "size": list(self.original_size),
+                "converted": any(n.startswith("converted") for n in self.notes),
+                "resized": any(n.startswith("resized") for n in self.notes), "notes": self.notes}
+
+
+def decode(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
+    """Open and fully decode an upload (first frame of an animation); reject what isn't a
+    supported, complete image of sane size before spending memory on it."""
+    if not data:
+        raise InputError(400, "empty_body", "the upload is empty; send a PNG/JPEG/BMP/TIFF/WebP/GIF image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InputError(400, "not_an_image", f"{len(data)} bytes that no image decoder recognises") from None
+    except Exception as e:
+        raise InputError(400, "not_an_image", f"cannot read the image header ({type(e).__name__}: {e})") from None
+    if img.format not in ALLOWED_FORMATS:
+        raise InputError(415, "unsupported_format", f"{img.format} images are not accepted; use one of {sorted(ALLOWED_FORMATS)}")
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise InputError(400, "empty_image", f"the image is {w}x{h} pixels")
+    if w * h > max_pixels:
+        raise InputError(413, "image_too_large", f"{w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,}")
+    try:
+        img.seek(0)
+        img.load()
+    except Exception as e:
+        raise InputError(400, "corrupt_image", f"the {img.format} data is truncated or corrupt ({type(e).__name__}: {e})") from None
+    return img, img.format
+
+
+def to_grayscale(img: Image.Image) -> tuple[Image.Image, str | None]:
+    """8-bit grayscale as the model was trained on. Transparency is composited over black
+    (Fashion-MNIST's background); 16-bit and 32-bit images are scaled, not clipped."""
+    mode = img.mode
+    if mode == "L":
+        return img, None
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        out = Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+        return out, f"converted {mode} to 8-bit L (scaled 0..{top:.0f} to 0..255)"
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        hi = 1.0 if a.max(initial=0) <= 1.0 else 255.0
+        out = Image.fromarray(np.clip(np.rint(a * (255.0 / hi)), 0, 255).astype(np.uint8), "L")
+        return out, f"converted float image to 8-bit L (scaled 0..{hi:g} to 0..255)"
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("L"), f"converted {mode} to L (alpha composited over black)"
+    return img.convert("RGB").convert("L") if mode == "CMYK" else img.convert("L"), f"converted {mode} to L (ITU-R 601-2 luma)"
+
+
+def to_contract(data: bytes, contract: dict, max_pixels: int) -> Decoded:
+    """Bytes -> 8-bit grayscale image of the contract's size, with notes on what was done."""
+    img, fmt = decode(data, max_pixels)
+    original_mode, original_size = img.mode, img.size
+    gray, note = to_grayscale(img)
+    notes = [note] if note else []
+    size = (contract["image_size"], contract["image_size"])
+    if gray.size != size:
+        if contract["interpolation"] != "bilinear":
+            raise ValueError(f"unsupported interpolation in the model card: {contract['interpolation']}")
+        gray = gray.resize(size, Image.BILINEAR)
+        notes.append(f"resized {original_size[0]}x{original_size[1]} to {size[0]}x{size[1]} (bilinear, as in training)")
+    return Decoded(gray, fmt, original_mode, original_size, notes)
+
+
+def normalize(images: list[Image.Image] | list[np.ndarray], contract: dict) -> np.ndarray:
+    """8-bit grayscale images -> float32 (N, 1, H, W): pixel * scale, then (x - mean) / std."""
+    a = np.stack([np.asarray(i, dtype=np.float32) for i in images])[:, None]
+    return ((a * np.float32(contract["scale"]) - np.float32(contract["mean"])) / np.float32(contract["std"])).astype(np.float32)
+
+
+def softmax_top_k(logits: np.ndarray, class_names: list[str], k: int) -> list[dict]:
+    """Per row: label, class name and the k most probable classes with probabilities."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    out = []
+    for row in p:
+        order = np.argsort(-row, kind="stable")[:k]
+        out.append({
+            "label": int(order[0]), "class_name": class_names[order[0]],
+            "top_k": [{"label": int(i), "class_name": class_names[i], "probability": round(float(row[i]), 6)} for i in order],
+        })
+    return out

@@ -1,0 +1,50 @@
+"""The BentoML service: `bentoml serve` from the repository root (bentofile.yaml names it).
+
+Settings come from NIN_* environment variables (serving/engine.py: Settings). Routes:
+POST /classify, POST /classify_batch, GET /model (serving/http.py), plus BentoML's /livez,
+/readyz (ready once every batch size is warmed up) and /metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+
+import bentoml
+
+from serving import http, model_files
+from serving.engine import Engine, Settings
+from serving.model_files import ModelLoadError
+
+log = logging.getLogger("serving")
+
+
+def preflight() -> None:
+    """Check the settings and the model before BentoML starts workers: a bad model is one
+    line and exit 1, not a worker restarting forever."""
+    try:
+        settings = Settings.from_env()
+        folder = model_files.resolve(settings.model)
+        card = model_files.load_card(folder)
+        for variant in model_files.available_variants(card):
+            model_files.verified_file(folder, card, variant)
+    except ModelLoadError as e:
+        print(f"error: cannot serve: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+preflight()
+
+
+@bentoml.service(name="nin-fashion-mnist", workers=1, traffic={"timeout": 30, "max_concurrency": 512})
+@bentoml.asgi_app(http.app, path="/")
+class NiNClassifier:
+    def __init__(self) -> None:
+        self.engine = Engine(Settings.from_env())
+        http.attach(self.engine)
+        # warm up off the start-up path: /livez answers at once, /readyz once this is done
+        threading.Thread(target=self.engine.warm_up, name="warm-up", daemon=True).start()
+
+    def __is_ready__(self) -> bool:
+        return self.engine.ready.is_set()

@@ -1,0 +1,116 @@
+"""Decode / validate / preprocess over a table of good and bad uploads (no server)."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving import imaging
+from serving.imaging import InputError
+from tests.conftest import png_bytes
+from training.config import NiNConfig
+
+CONTRACT = NiNConfig().input_contract()
+MAX_PIXELS = 4096 * 4096
+rng = np.random.default_rng(0)
+GRAY = rng.integers(0, 256, (224, 224), dtype=np.uint8)
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def png_with_size(w: int, h: int) -> bytes:
+    """A PNG whose header claims w x h (data for 1x1): what a decompression bomb looks like."""
+    data = png_bytes(Image.new("L", (1, 1)))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return data[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
+
+
+def animated_gif() -> bytes:
+    frames = [Image.fromarray(GRAY), Image.fromarray(255 - GRAY)]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+
+
+GOOD = {
+    "png_L_224": (png_bytes(Image.fromarray(GRAY)), [], "PNG"),
+    "jpeg_rgb": (encode(Image.fromarray(GRAY).convert("RGB"), "JPEG", quality=95), ["converted RGB"], "JPEG"),
+    "bmp": (encode(Image.fromarray(GRAY), "BMP"), [], "BMP"),
+    "tiff": (encode(Image.fromarray(GRAY), "TIFF"), [], "TIFF"),
+    "webp_lossless": (encode(Image.fromarray(GRAY), "WEBP", lossless=True), ["converted RGB"], "WEBP"),  # WebP has no gray mode
+    "gif_animated": (animated_gif(), [], "GIF"),  # Pillow opens a gray GIF as L
+    "rgba": (png_bytes(Image.fromarray(GRAY).convert("RGBA")), ["converted RGBA", "alpha composited over black"], "PNG"),
+    "palette": (png_bytes(Image.fromarray(GRAY).convert("P")), ["converted P"], "PNG"),
+    "png_16bit": (png_bytes(Image.fromarray(GRAY.astype(np.uint16) * 257)), ["converted I", "scaled"], "PNG"),
+    "small_28": (png_bytes(Image.fromarray(GRAY[:28, :28])), ["resized 28x28 to 224x224"], "PNG"),
+}
+
+
+@pytest.mark.parametrize("name", list(GOOD))
+def test_good_uploads_become_the_contract(name):
+    data, notes, fmt = GOOD[name]
+    d = imaging.to_contract(data, CONTRACT, MAX_PIXELS)
+    assert d.image.mode == "L" and d.image.size == (224, 224) and d.format == fmt
+    for n in notes:
+        assert any(n in x for x in d.notes), (n, d.notes)
+    if not notes:
+        assert d.notes == [] and not d.describe()["converted"] and not d.describe()["resized"]
+
+
+def test_lossless_inputs_keep_their_pixels():
+    for name in ("png_L_224", "bmp", "tiff", "webp_lossless", "png_16bit", "rgba", "gif_animated"):
+        got = np.asarray(imaging.to_contract(GOOD[name][0], CONTRACT, MAX_PIXELS).image)
+        assert np.array_equal(got, GRAY), name  # GIF: first frame, not the inverted second
+
+
+def test_resize_is_the_training_resize():
+    small = GRAY[:28, :28]
+    got = np.asarray(imaging.to_contract(png_bytes(Image.fromarray(small)), CONTRACT, MAX_PIXELS).image)
+    assert np.array_equal(got, np.asarray(Image.fromarray(small).resize((224, 224), Image.BILINEAR)))
+
+
+def truncated(fmt: str) -> bytes:
+    data = encode(Image.fromarray(GRAY), fmt)
+    return data[: len(data) // 2]
+
+
+BAD = {
+    "empty": (b"", 400, "empty_body"),
+    "text": (b"hello, this is not an image", 400, "not_an_image"),
+    "truncated_png": (truncated("PNG"), 400, "corrupt_image"),
+    "truncated_jpeg": (truncated("JPEG"), 400, "corrupt_image"),
+    "zero_width": (png_with_size(0, 224), 400, None),
+    "bomb": (png_with_size(100_000, 100_000), 413, "image_too_large"),
+    "ppm_format": (encode(Image.fromarray(GRAY), "PPM"), 415, "unsupported_format"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_uploads_are_rejected_with_a_status(name):
+    data, status, error = BAD[name]
+    with pytest.raises(InputError) as e:
+        imaging.to_contract(data, CONTRACT, MAX_PIXELS)
+    assert e.value.status == status
+    if error:
+        assert e.value.error == error
+    assert set(e.value.to_json()) == {"error", "detail"} and e.value.detail
+
+
+def test_normalize_uses_the_contract():
+    x = imaging.normalize([Image.fromarray(np.full((224, 224), 255, np.uint8))], CONTRACT)
+    assert x.shape == (1, 1, 224, 224) and x.dtype == np.float32
+    assert np.allclose(x, (1.0 - CONTRACT["mean"]) / CONTRACT["std"], atol=1e-6)
+
+
+def test_softmax_top_k():
+    out = imaging.softmax_top_k(np.array([[0.0, 2.0, 1.0]]), ["a", "b", "c"], 2)[0]
+    assert out["label"] == 1 and out["class_name"] == "b"
+    assert [t["class_name"] for t in out["top_k"]] == ["b", "c"]
+    p = np.exp([0.0, 2.0, 1.0]) / np.exp([0.0, 2.0, 1.0]).sum()
+    assert out["top_k"][0]["probability"] == pytest.approx(p[1], abs=1e-6)

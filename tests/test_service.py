@@ -1,0 +1,159 @@
+"""The service in-process and through an ASGI client (no network)."""
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from starlette.testclient import TestClient
+
+from serving import imaging
+from serving.engine import Engine, Settings
+from serving.model_files import ModelLoadError
+from tests.conftest import png_bytes
+from tests.test_imaging import BAD, GOOD
+
+
+@pytest.fixture(scope="module")
+def service_cls(served_model):
+    os.environ["NIN_MODEL"] = str(served_model)
+    from serving.service import NiNClassifier
+
+    return NiNClassifier
+
+
+@pytest.fixture(scope="module")
+def client(service_cls):
+    with TestClient(service_cls.to_asgi()) as c:
+        for _ in range(200):
+            if c.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.05)
+        yield c
+
+
+def image_png(seed=0) -> bytes:
+    return png_bytes(Image.fromarray(np.random.default_rng(seed).integers(0, 256, (224, 224), dtype=np.uint8)))
+
+
+def test_engine_in_process_picks_int8_on_cpu_and_matches_the_file(served_model):
+    engine = Engine(Settings(model=str(served_model), max_batch_size=4))
+    assert engine.provider == "CPUExecutionProvider" and engine.variant == "int8"
+    assert not engine.ready.is_set()
+    engine.warm_up()
+    assert engine.ready.is_set() and sorted(engine.warmup_ms) == [1, 2, 3, 4]
+    x = imaging.normalize([imaging.to_contract(image_png(), engine.contract, 10**8).image], engine.contract)
+    logits, info = engine.run(x)
+    assert logits.shape == (1, 10) and info["peak_rss_mb"] > 0
+
+
+def test_service_class_in_process(service_cls):
+    svc = service_cls()
+    deadline = time.time() + 30
+    while not svc.__is_ready__() and time.time() < deadline:
+        time.sleep(0.05)
+    assert svc.__is_ready__()
+    assert svc.engine.describe()["input_contract"]["image_size"] == 224
+
+
+@pytest.mark.parametrize("variant, error", [("fp16", "variant fp16 is not in"), ("bogus", "NIN_VARIANT must be")])
+def test_bad_settings_fail_with_one_line(served_model, variant, error):
+    with pytest.raises(ModelLoadError, match=error):
+        Engine(Settings(model=str(served_model), variant=variant))
+
+
+def test_altered_model_file_is_refused(served_model, tmp_path):
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(served_model, copy)
+    data = bytearray((copy / "model.int8.onnx").read_bytes())
+    data[-100] ^= 0xFF
+    (copy / "model.int8.onnx").write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="does not match its card"):
+        Engine(Settings(model=str(copy)))
+    with pytest.raises(ModelLoadError, match="model folder not found"):
+        Engine(Settings(model=str(tmp_path / "nothing")))
+
+
+def test_classify_multipart_and_raw_body(client):
+    png = image_png(1)
+    a = client.post("/classify", files={"image": ("x.png", png, "image/png")})
+    b = client.post("/classify", content=png, headers={"Content-Type": "image/png"})
+    assert a.status_code == b.status_code == 200
+    ja, jb = a.json(), b.json()
+    assert ja["label"] == jb["label"] and ja["top_k"] == jb["top_k"] and len(ja["top_k"]) == 3
+    assert set(ja["timing_ms"]) == {"read", "decode", "preprocess", "queue", "inference", "total"}
+    assert ja["memory"]["peak_rss_mb"] > 0 and ja["model"]["variant"] == "int8"
+    assert "inference;dur=" in a.headers["server-timing"]
+    assert abs(sum(t["probability"] for t in client.post("/classify?top_k=10", content=png,
+               headers={"Content-Type": "image/png"}).json()["top_k"]) - 1) < 1e-4
+
+
+def test_conversions_are_reported(client):
+    data = GOOD["small_28"][0]
+    r = client.post("/classify", content=data, headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 200 and r.json()["input"]["resized"] is True
+
+
+def test_classify_batch_matches_single_requests(client):
+    pngs = [image_png(s) for s in range(5)]
+    r = client.post("/classify_batch", files=[("images", (f"{i}.png", p, "image/png")) for i, p in enumerate(pngs)])
+    assert r.status_code == 200, r.text
+    labels = [x["label"] for x in r.json()["results"]]
+    singles = [client.post("/classify", content=p, headers={"Content-Type": "image/png"}).json()["label"] for p in pngs]
+    assert labels == singles
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_uploads_get_4xx_json(client, name):
+    data, status, error = BAD[name]
+    r = client.post("/classify", content=data, headers={"Content-Type": "image/png"})
+    assert r.status_code == status and set(r.json()) == {"error", "detail"}
+
+
+@pytest.mark.parametrize("kwargs, status, error", [
+    (dict(files={"file": ("x.png", b"x", "image/png")}), 422, "missing_field"),
+    (dict(content=b"{}", headers={"Content-Type": "application/json"}), 415, "unsupported_media_type"),
+    (dict(content=b"x"), 415, "unsupported_media_type"),
+])
+def test_request_shape_errors(client, kwargs, status, error):
+    r = client.post("/classify", **kwargs)
+    assert r.status_code == status and r.json()["error"] == error
+    assert client.post("/classify", content=image_png(), headers={"Content-Type": "image/png"}).status_code == 200
+
+
+def test_bad_top_k_and_bad_image_in_a_batch(client):
+    assert client.post("/classify?top_k=0", content=image_png(), headers={"Content-Type": "image/png"}).status_code == 422
+    files = [("images", ("a.png", image_png(), "image/png")), ("images", ("b.png", b"junk", "image/png"))]
+    r = client.post("/classify_batch", files=files)
+    assert r.status_code == 400 and r.json()["detail"].startswith("image 1:")
+
+
+def test_model_endpoint(client):
+    info = client.get("/model").json()
+    assert info["provider"] == "CPUExecutionProvider" and info["variant"] == "int8"
+    assert info["input_contract"]["interpolation"] == "bilinear" and info["ready"] is True
+    assert info["card"]["class_names"][6] == "Shirt"
+
+
+def test_readyz_waits_for_warm_up(client):
+    # One ASGI app per process (BentoML registers its metrics once): rewind the live engine to
+    # "not warmed up" and run the real warm-up again.
+    from serving import http
+
+    engine = http.state.engine
+    engine.ready.clear()
+    assert client.get("/livez").status_code == 200
+    assert client.get("/readyz").status_code == 503
+    r = client.post("/classify", content=image_png(), headers={"Content-Type": "image/png"})
+    assert r.status_code == 503 and r.json()["error"] == "not_ready"
+    threading.Thread(target=engine.warm_up).start()
+    for _ in range(400):
+        if client.get("/readyz").status_code == 200:
+            break
+        time.sleep(0.05)
+    assert client.get("/readyz").status_code == 200
+    assert client.post("/classify", content=image_png(), headers={"Content-Type": "image/png"}).status_code == 200
