@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Build the service's container with no registry access and run it on 127.0.0.1.
+#
+#   scripts/container.sh build            # base image (debootstrap) + bento + image
+#   scripts/container.sh run [PORT]       # start it; prints the container id
+#   scripts/container.sh check            # exit 0 if a Docker daemon is (or can be made) available
+#
+# Docker Hub is unreachable here, so the base image is made locally with debootstrap
+# (../shared/CONTAINERS.md). NIN_CONTAINER_FLAVOR=cpu (default here) drops onnxruntime-gpu's
+# [cuda,cudnn] extras, which would pull ~2 GB of NVIDIA wheels into every CI build; `gpu`
+# keeps bentofile.yaml exactly as it is, for a host with `docker run --gpus all`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+BASE=${NIN_BASE_IMAGE:-local/bookworm:py}
+IMAGE=${NIN_IMAGE:-nin-fashion-mnist:local}
+FLAVOR=${NIN_CONTAINER_FLAVOR:-cpu}
+
+die() { echo "container: $*" >&2; exit 2; }
+
+ensure_docker() {
+  docker info >/dev/null 2>&1 && return 0
+  [ "$(id -u)" = 0 ] || die "no Docker daemon, and not root to start one"
+  if ! command -v dockerd >/dev/null; then
+    apt-get update -qq >/dev/null && apt-get install -y -qq docker.io >/dev/null 2>&1 || die "cannot install docker.io"
+  fi
+  (dockerd >/tmp/nin-dockerd.log 2>&1 &)
+  for _ in $(seq 60); do docker info >/dev/null 2>&1 && return 0; sleep 1; done
+  die "dockerd did not start (see /tmp/nin-dockerd.log)"
+}
+
+mirror() {  # the Debian mirror apt uses here
+  grep -hoE '^(URIs:|deb) +https?://[^ ]+' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources 2>/dev/null \
+    | grep -v security | head -1 | awk '{print $2}'
+}
+
+ensure_base() {
+  docker image inspect "$BASE" >/dev/null 2>&1 && return 0
+  command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap >/dev/null 2>&1 || die "cannot install debootstrap"
+  local root; root=$(mktemp -d /tmp/nin-rootfs.XXXX)
+  debootstrap --variant=minbase --include=python3,python3-pip,ca-certificates bookworm "$root" "$(mirror)" >/tmp/nin-debootstrap.log 2>&1 \
+    || die "debootstrap failed (see /tmp/nin-debootstrap.log)"
+  cp /usr/local/share/ca-certificates/* "$root/usr/local/share/ca-certificates/" 2>/dev/null || true
+  chroot "$root" update-ca-certificates >/dev/null 2>&1 || true
+  tar -C "$root" -c . | docker import --change 'ENV PIP_BREAK_SYSTEM_PACKAGES=1' \
+    --change 'ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt' - "$BASE" >/dev/null
+  rm -rf "$root"
+}
+
+build() {
+  ensure_docker
+  ensure_base
+  [ -f models/nin-fashion-mnist/card.json ] || die "no model in models/nin-fashion-mnist (export one first)"
+  local spec=bentofile.yaml tmp
+  tmp=$(mktemp /tmp/nin-bentofile.XXXX.yaml)
+  # the local base image; the CPU flavor without the NVIDIA wheels
+  sed -e "s|^docker:|docker:\n  base_image: \"$BASE\"|" -e '/^  distro:/d' "$spec" > "$tmp"
+  [ "$FLAVOR" = gpu ] || sed -i 's/onnxruntime-gpu\[cuda,cudnn\]/onnxruntime-gpu/' "$tmp"
+  command -v uv >/dev/null || export PATH="$PWD/$BIN:$PATH"
+  local tag
+  tag=$("$BIN/bentoml" build -f "$tmp" --output tag 2>/dev/null | tail -1 | sed 's/^__tag__://')
+  rm -f "$tmp"
+  [ -n "$tag" ] || die "bentoml build failed"
+  DOCKER_BUILDKIT=0 "$BIN/bentoml" containerize "$tag" -t "$IMAGE" >/tmp/nin-containerize.log 2>&1 \
+    || die "containerize failed (see /tmp/nin-containerize.log)"
+  echo "$IMAGE"
+}
+
+run() {
+  ensure_docker
+  docker run -d -p "127.0.0.1:${1:-3000}:3000" "$IMAGE"
+}
+
+case "${1:-}" in
+  build) build ;;
+  run) run "${2:-3000}" ;;
+  check) ensure_docker ;;
+  *) echo "usage: $0 build | run [PORT] | check" >&2; exit 2 ;;
+esac
