@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 PORT ?= 3000
 
-.PHONY: setup data serve test test-fast stats clean
+.PHONY: setup data serve test test-fast stats container container-run
 
 # The virtual environment with everything (serving, training, tests); reinstalled when
 # pyproject.toml changes. torch 2.14.1 / torchvision 0.29.1 come from this machine's disk.
@@ -38,3 +38,10 @@ test-fast: setup
 
 stats: $(STAMP)
 	$(BIN)/python -m training.stats
+
+# The service's container, built offline from a local debootstrap base image (scripts/container.sh).
+container: $(STAMP)
+	BIN=$(BIN) bash scripts/container.sh build
+
+container-run:
+	bash scripts/container.sh run $(PORT)
