@@ -190,6 +190,7 @@ class Engine:
     def describe(self) -> dict:
         return {
             "model_folder": str(self.folder),
+            "pid": os.getpid(),
             "variant": self.variant,
             "provider": self.provider,
             "available_providers": ort.get_available_providers(),

@@ -1,0 +1,47 @@
+"""The shipped model, end to end through a real `bentoml serve`: its accuracy on all 10,000
+real test images (uploaded as 224x224 PNGs) equals its card's."""
+
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from serving.bench import test_pngs as make_pngs
+from tests.conftest import REAL_DATA
+from tests.test_http_server import free_port, start_server, stop, wait_ready
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models" / "nin-fashion-mnist"
+pytestmark = [pytest.mark.integration, pytest.mark.slow, REAL_DATA,
+              pytest.mark.skipif(not (SHIPPED / "card.json").is_file(), reason="no shipped model yet")]
+
+
+def test_card_describes_a_trained_model():
+    card = json.loads((SHIPPED / "card.json").read_text())
+    assert card["test_images"] == 10_000 and card["test_accuracy"] >= 0.92
+    assert len(card["per_class_accuracy"]) == 10 and (SHIPPED / "confusion.png").is_file()
+    assert card["training"]["command"] and card["training"]["hardware"]
+
+
+@pytest.mark.parametrize("variant", ["fp32"])
+def test_served_accuracy_on_the_full_test_set_equals_the_card(variant):
+    card = json.loads((SHIPPED / "card.json").read_text())
+    pngs, labels = make_pngs(10_000)
+    port = free_port()
+    proc = start_server(SHIPPED, port, {"NIN_VARIANT": variant, "NIN_MAX_BATCH_SIZE": "64"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        preds = []
+        with httpx.Client(timeout=120) as c:
+            for i in range(0, len(pngs), 64):
+                r = c.post(f"{url}/classify_batch?top_k=1",
+                           files=[("images", (f"{j}.png", p, "image/png")) for j, p in enumerate(pngs[i : i + 64])])
+                assert r.status_code == 200, r.text
+                preds += [res["label"] for res in r.json()["results"]]
+    finally:
+        stop(proc)
+    accuracy = float(np.mean(np.array(preds) == labels))
+    assert abs(accuracy - card["test_accuracy"]) <= 0.0005, (accuracy, card["test_accuracy"])
