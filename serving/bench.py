@@ -27,6 +27,7 @@ import torch
 
 from serving import imaging
 from serving.model_files import VARIANT_FILES
+from serving.procfs import read_status_kb
 from training.runtime import hardware_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---- inputs -------------------------------------------------------------------------------
 
-def test_pngs(n: int, data_dir: str | None = None) -> tuple[list[bytes], np.ndarray]:
+def real_test_pngs(n: int, data_dir: str | None = None) -> tuple[list[bytes], np.ndarray]:
     """The first n real Fashion-MNIST test images as uploads: 224x224 8-bit PNG (PIL bilinear)."""
     import io
 
@@ -104,11 +105,10 @@ async def load_level(url: str, pngs: list[bytes], concurrency: int, duration: fl
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    kb = read_status_kb("VmRSS", pid)
+    if kb is None:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    return kb / 1024
 
 
 async def soak(url: str, pngs: list[bytes], requests: int, concurrency: int, pid: int, warmup: int = 500) -> dict:
@@ -192,36 +192,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """`bentoml serve` in a subprocess for one model variant."""
+def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 180) -> None:
+    """Poll URL/readyz until it answers 200; fail early if `proc` exits."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read()[-3000:] if proc.stdout else ""
+            raise RuntimeError(f"server exited with {proc.returncode}\n{out}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not ready after {timeout:g} s")
 
-    def __init__(self, model: str, variant: str, env: dict | None = None) -> None:
+
+def start_server(model: str | Path, port: int, env: dict | None = None, quiet: bool = False) -> subprocess.Popen:
+    """`bentoml serve` from the repository root, in its own process group."""
+    bentoml = Path(sys.executable).with_name("bentoml")
+    return subprocess.Popen(
+        [str(bentoml), "serve", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
+        env={**os.environ, "NIN_MODEL": str(model), **(env or {})},
+        stdout=subprocess.DEVNULL if quiet else subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+class Server:
+    """`bentoml serve` in a subprocess for one model variant, ready on return."""
+
+    def __init__(self, model: str, variant: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        bentoml = Path(sys.executable).with_name("bentoml")
-        self.proc = subprocess.Popen(
-            [str(bentoml), "serve", "--host", "127.0.0.1", "--port", str(self.port)], cwd=ROOT,
-            env={**os.environ, "NIN_MODEL": model, "NIN_VARIANT": variant, **(env or {})},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.close()
-        raise TimeoutError("service not ready after 180 s")
+        self.proc = start_server(model, self.port, {"NIN_VARIANT": variant}, quiet=True)
+        try:
+            wait_ready(self.url, self.proc)
+        except Exception:
+            self.close()
+            raise
 
     def close(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_server(self.proc)
 
 
 # ---- report -------------------------------------------------------------------------------
@@ -330,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (folder / "card.json").is_file():
         print(f"error: no exported model in {folder} (card.json missing)", file=sys.stderr)
         return 2
-    pngs, _ = test_pngs(args.images, args.data_dir)
+    pngs, _ = real_test_pngs(args.images, args.data_dir)
     card = json.loads((folder / "card.json").read_text())
     contract = card["input_contract"]
     x = imaging.normalize([imaging.to_contract(p, contract, 10**8).image for p in pngs[:64]], contract)

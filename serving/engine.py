@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from serving import model_files
+from serving.procfs import read_status_kb, reset_peak_rss
 from serving.model_files import ModelLoadError
 
 log = logging.getLogger("serving")
@@ -49,26 +50,6 @@ class Settings:
             )
         except ValueError as err:
             raise ModelLoadError(f"bad NIN_* setting: {err}") from None
-
-
-def read_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 class GpuMemory:

@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -10,7 +9,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import png_bytes
-from tests.test_http_server import free_port
+from serving.bench import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "container.sh"
@@ -37,15 +36,9 @@ def test_container_serves_real_predictions(image):
                          capture_output=True, text=True, check=True).stdout.strip()
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
+        try:
+            wait_ready(url, timeout=180)
+        except TimeoutError:
             logs = subprocess.run(["docker", "logs", cid], capture_output=True, text=True).stdout
             pytest.fail(f"container not ready:\n{logs[-3000:]}")
         card = json.loads((ROOT / "models" / "nin-fashion-mnist" / "card.json").read_text())

@@ -1,11 +1,6 @@
 """A real `bentoml serve` in a subprocess on a free port, hit over HTTP."""
 
 import concurrent.futures
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -14,70 +9,29 @@ import pytest
 from PIL import Image
 
 from serving import imaging
+from serving.bench import free_port, real_test_pngs, start_server, stop_server, wait_ready
 from serving.engine import Engine, Settings
 from tests.conftest import REAL_DATA, png_bytes
 from tests.test_imaging import BAD
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 MAX_BYTES = 2 * 2**20
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: Path, port: int, extra_env: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "NIN_MODEL": str(model), "NIN_MAX_BYTES": str(MAX_BYTES), **(extra_env or {})}
-    bentoml = Path(sys.executable).with_name("bentoml")
-    return subprocess.Popen([str(bentoml), "serve", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError("server not ready in time")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    import signal
-
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+def start(model: Path, port: int, extra_env: dict | None = None):
+    return start_server(model, port, {"NIN_MAX_BYTES": str(MAX_BYTES), **(extra_env or {})})
 
 
 @pytest.fixture(scope="module")
 def server(served_model):
     port = free_port()
-    proc = start_server(served_model, port)
+    proc = start(served_model, port)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc)
         yield url
     finally:
-        stop(proc)
-
-
-def real_test_pngs(n: int) -> tuple[list[bytes], np.ndarray]:
-    """The first n Debian test images as a user would upload them: 224x224 PNG, PIL bilinear."""
-    from training.data import find_data_root, load_split
-
-    x, y = load_split(find_data_root(allow_download=False), train=False)
-    return [png_bytes(Image.fromarray(img.numpy()).resize((224, 224), Image.BILINEAR)) for img in x[:n]], y[:n].numpy()
+        stop_server(proc)
 
 
 @REAL_DATA
@@ -141,7 +95,7 @@ def test_model_endpoint_over_http(server):
 
 
 def test_bad_model_fails_start_up_with_one_line(tmp_path):
-    proc = start_server(tmp_path / "missing", free_port())
+    proc = start(tmp_path / "missing", free_port())
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert out.strip().splitlines()[-1].startswith("error: cannot serve: model folder not found")

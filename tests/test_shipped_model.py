@@ -8,9 +8,8 @@ import httpx
 import numpy as np
 import pytest
 
-from serving.bench import test_pngs as make_pngs
+from serving.bench import free_port, real_test_pngs, start_server, stop_server, wait_ready
 from tests.conftest import REAL_DATA
-from tests.test_http_server import free_port, start_server, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "nin-fashion-mnist"
@@ -28,7 +27,7 @@ def test_card_describes_a_trained_model():
 @pytest.mark.parametrize("variant", ["fp32"])
 def test_served_accuracy_on_the_full_test_set_equals_the_card(variant):
     card = json.loads((SHIPPED / "card.json").read_text())
-    pngs, labels = make_pngs(10_000)
+    pngs, labels = real_test_pngs(10_000)
     port = free_port()
     proc = start_server(SHIPPED, port, {"NIN_VARIANT": variant, "NIN_MAX_BATCH_SIZE": "64"})
     url = f"http://127.0.0.1:{port}"
@@ -42,6 +41,6 @@ def test_served_accuracy_on_the_full_test_set_equals_the_card(variant):
                 assert r.status_code == 200, r.text
                 preds += [res["label"] for res in r.json()["results"]]
     finally:
-        stop(proc)
+        stop_server(proc)
     accuracy = float(np.mean(np.array(preds) == labels))
     assert abs(accuracy - card["test_accuracy"]) <= 0.0005, (accuracy, card["test_accuracy"])

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from serving.procfs import read_status_kb, reset_peak_rss  # noqa: F401 - re-exported for training.stats
+
 log = logging.getLogger(__name__)
 
 
@@ -88,28 +90,6 @@ def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
     if rt.world_size > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-def read_status_kb(field: str) -> int | None:
-    """A field of /proc/self/status in kB (VmRSS, VmHWM), or None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def peak_memory_mb(device: torch.device) -> float:
