@@ -32,6 +32,7 @@ class Settings:
     max_batch_size: int = 16
     max_wait_ms: float = 0.0
     threads: int = 0  # onnxruntime intra-op threads; 0 = one per core
+    spinning: bool = True  # onnxruntime's idle threads spin (its default) or sleep
     max_bytes: int = 10 * 2**20
     max_pixels: int = 4096 * 4096
     max_batch_images: int = 64
@@ -45,6 +46,7 @@ class Settings:
                 require_gpu=e("NIN_REQUIRE_GPU", "0").lower() in ("1", "true", "yes"),
                 variant=e("NIN_VARIANT", "auto"), max_batch_size=int(e("NIN_MAX_BATCH_SIZE", "16")),
                 max_wait_ms=float(e("NIN_MAX_WAIT_MS", "0")), threads=int(e("NIN_THREADS", "0")),
+                spinning=e("NIN_ORT_SPINNING", "1").lower() in ("1", "true", "yes"),
                 max_bytes=int(e("NIN_MAX_BYTES", str(10 * 2**20))), max_pixels=int(e("NIN_MAX_PIXELS", str(4096 * 4096))),
                 max_batch_images=int(e("NIN_MAX_BATCH_IMAGES", "64")),
             )
@@ -119,6 +121,8 @@ class Engine:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.settings.threads:
             opts.intra_op_num_threads = self.settings.threads
+        if not self.settings.spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ([("CUDAExecutionProvider", CUDA_OPTIONS)] if cuda else []) + ["CPUExecutionProvider"]
         try:
             session = ort.InferenceSession(str(path), opts, providers=providers)

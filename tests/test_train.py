@@ -96,6 +96,18 @@ def test_resume_continues_to_the_same_state_as_an_uninterrupted_run(tiny_data, t
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 4
 
 
+def test_init_from_fine_tunes_from_a_checkpoint(tiny_data, tmp_path):
+    first = run_cli("--data-dir", str(tiny_data), "--out", str(tmp_path / "a"), "--max-steps", "2", *FAST)
+    assert first.returncode == 0, first.stderr
+    tuned = run_cli("--data-dir", str(tiny_data), "--out", str(tmp_path / "b"), "--max-steps", "1", "--lr", "0",
+                    "--init-from", str(tmp_path / "a" / "last.pt"), *FAST)
+    assert tuned.returncode == 0, tuned.stderr
+    a, b = load_checkpoint(tmp_path / "a/last.pt"), load_checkpoint(tmp_path / "b/last.pt")
+    conv = "net.0.0.weight"
+    assert torch.equal(a["model"][conv], b["model"][conv])  # lr 0: the weights are the ones loaded
+    assert b["batch_in_epoch"] == 1 and b["scheduler"]["last_epoch"] == 1
+
+
 def test_nan_loss_stops_with_a_clear_message(tiny_data, tmp_path):
     r = run_cli("--data-dir", str(tiny_data), "--out", str(tmp_path / "nan"), "--max-steps", "40", "--lr", "1e30",
                 "--no-batch-norm", *FAST)

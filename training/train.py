@@ -47,6 +47,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
     p.add_argument("--seed", type=int, default=0, help="default: 0")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--init-from", default=None,
+                   help="start from this checkpoint's weights (fine-tuning; new optimizer and schedule)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (smoke runs)")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images (default: all)")
     p.add_argument("--checkpoint-every", type=int, default=100,
@@ -173,6 +175,12 @@ def main(args: argparse.Namespace) -> int:
 
     model = NiN(config)
     init_weights(model, args.init)
+    if args.init_from and ckpt is None:
+        source = load_checkpoint(args.init_from)
+        if NiNConfig.from_dict(source["model_config"]) != config:
+            raise ValueError(f"--init-from {args.init_from}: its model config differs from this run's")
+        model.load_state_dict(source["model"])
+        log.info("weights from %s", args.init_from)
     model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
     if args.lr_find:
         from training.lr_find import run_lr_find
