@@ -77,7 +77,7 @@ async def load_level(url: str, pngs: list[bytes], concurrency: int, duration: fl
     sent = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), time.process_time()
         stop_at = start + duration if duration else None
 
         async def worker(i: int) -> None:
@@ -101,7 +101,8 @@ async def load_level(url: str, pngs: list[bytes], concurrency: int, duration: fl
 
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         seconds = time.perf_counter() - start
-    return summarize(latencies, errors, seconds, server)
+        client_cores = (time.process_time() - cpu0) / seconds
+    return {**summarize(latencies, errors, seconds, server), "client_cpu_cores": round(client_cores, 2)}
 
 
 def rss_mb(pid: int) -> float:
@@ -252,11 +253,12 @@ def markdown(result: dict) -> str:
              f"{result['duration_s']} s per level.", ""]
     for variant, v in result["service"].items():
         lines += [f"### service, {variant} ({v['provider']})", "",
-                  "| concurrency | img/s | p50 ms | p90 | p95 | p99 | max | errors | server queue ms | server inference ms | mean batch | peak RSS MB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| concurrency | img/s | p50 ms | p90 | p95 | p99 | max | errors | server queue ms | server inference ms | mean batch | peak RSS MB | client CPU (cores) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c, r in v["levels"].items():
             lines.append(f"| {c} | {r['throughput_img_s']} | {r['p50']} | {r['p90']} | {r['p95']} | {r['p99']} | {r['max']} | "
-                         f"{r['errors']} | {r['server_queue_ms']} | {r['server_inference_ms']} | {r['mean_batch_size']} | {r['peak_rss_mb']} |")
+                         f"{r['errors']} | {r['server_queue_ms']} | {r['server_inference_ms']} | {r['mean_batch_size']} | {r['peak_rss_mb']} | "
+                         f"{r['client_cpu_cores']} |")
         lines.append("")
     lines += ["### in-process baselines", "", "| engine | batch 1 ms | best batch | best img/s |", "|---|---|---|---|"]
     for name, b in result["baselines"].items():
