@@ -21,6 +21,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fp16", action="store_true", help="skip the fp16 variant")
     p.add_argument("--no-register", action="store_true", help="do not add the model to BentoML's model store")
     p.add_argument("--no-timing", action="store_true", help="skip the CPU speed measurements")
+    p.add_argument("--hardware", default=None,
+                   help="where the checkpoint was trained, for checkpoints that do not record it")
     p.add_argument("--name", default="nin-fashion-mnist", help="BentoML model name (default: nin-fashion-mnist)")
     return p
 
@@ -33,7 +35,7 @@ def main(argv=None) -> int:
         return 2
     opts = ExportOptions(data_dir=args.data_dir, limit=args.limit, int8=not args.no_int8, fp16=not args.no_fp16,
                          calibration_images=args.calibration_images, register=not args.no_register,
-                         name=args.name, timing=not args.no_timing)
+                         name=args.name, timing=not args.no_timing, hardware=args.hardware)
     try:
         card = export_checkpoint(args.checkpoint, args.out, opts)
     except CheckFailed as e:

@@ -37,6 +37,7 @@ class ExportOptions:
     register: bool = True
     name: str = "nin-fashion-mnist"
     timing: bool = True
+    hardware: str | None = None  # where the checkpoint was trained, if it does not record it
     report: list[str] = field(default_factory=list)
 
     def say(self, line: str) -> None:
@@ -170,7 +171,7 @@ def _export_into(tmp: Path, checkpoint: Path, ckpt: dict, model, config, opts: E
         "test_images": int(len(labels)),
         "per_class_accuracy": dict(zip(config.class_names, per_class)),
         "confusion_matrix": confusion.tolist(),
-        "training": training_summary(ckpt),
+        "training": training_summary(ckpt, opts.hardware),
         "checkpoint": checkpoint.name,
         "checkpoint_sha256": sha256_file(checkpoint),
         "opset": OPSET,
