@@ -48,9 +48,10 @@ def tiny_data(tmp_path, monkeypatch) -> Path:
     return make_fashion_mnist(tmp_path / "fmnist")
 
 
-@pytest.fixture(scope="session")
-def served_model(tmp_path_factory) -> Path:
-    """A small random-weight NiN exported with its card and int8 variant, as the server wants."""
+def export_random_model(root: Path, n_test: int = 20, ckpt_extra: dict | None = None, **opts) -> dict:
+    """Save a small random-weight NiN (BatchNorm, width 0.25) as a checkpoint and export it
+    (with its card and int8 variant) from a tiny IDX dataset: what the export and serving tests
+    both start from. `opts` go to ExportOptions."""
     import torch
 
     from export.exporter import ExportOptions, export_checkpoint
@@ -58,17 +59,25 @@ def served_model(tmp_path_factory) -> Path:
     from training.config import NiNConfig
     from training.model import NiN
 
-    root = tmp_path_factory.mktemp("served")
     mp = pytest.MonkeyPatch()
     mp.setenv("NIN_CACHE_DIR", str(root / "cache"))
-    data = make_fashion_mnist(root / "data", n_train=64, n_test=20)
-    torch.manual_seed(0)
-    cfg = NiNConfig(batch_norm=True, width=0.25)
-    save_checkpoint({"model": NiN(cfg).state_dict(), "model_config": cfg.to_dict()}, root / "ckpt.pt")
-    export_checkpoint(root / "ckpt.pt", root / "model", ExportOptions(data_dir=str(data), fp16=False, register=False,
-                                                                     calibration_images=32, timing=False))
-    mp.undo()
-    return root / "model"
+    try:
+        data = make_fashion_mnist(root / "data", n_train=64, n_test=n_test)
+        torch.manual_seed(0)
+        cfg = NiNConfig(batch_norm=True, width=0.25)
+        ckpt = root / "ckpt.pt"
+        save_checkpoint({"model": NiN(cfg).state_dict(), "model_config": cfg.to_dict(), **(ckpt_extra or {})}, ckpt)
+        options = dict(register=False, calibration_images=32, timing=False) | opts
+        card = export_checkpoint(ckpt, root / "model", ExportOptions(data_dir=str(data), **options))
+    finally:
+        mp.undo()
+    return dict(root=root, data=data, ckpt=ckpt, out=root / "model", card=card)
+
+
+@pytest.fixture(scope="session")
+def served_model(tmp_path_factory) -> Path:
+    """A small random-weight NiN exported with its card and int8 variant, as the server wants."""
+    return export_random_model(tmp_path_factory.mktemp("served"), fp16=False)["out"]
 
 
 def png_bytes(img) -> bytes:
