@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from training import data, train
-from training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, sha256_of, training_summary
 from training.config import NiNConfig
 from training.data import to_model_input
 from training.lr_find import suggest_lr
@@ -106,6 +106,16 @@ def test_init_from_fine_tunes_from_a_checkpoint(tiny_data, tmp_path):
     conv = "net.0.0.weight"
     assert torch.equal(a["model"][conv], b["model"][conv])  # lr 0: the weights are the ones loaded
     assert b["batch_in_epoch"] == 1 and b["scheduler"]["last_epoch"] == 1
+    # the fine-tuned checkpoint carries the record of the run it started from
+    parent = b["runtime"]["parent"]
+    assert parent["sha256"] == sha256_of(tmp_path / "a/last.pt") and "--max-steps 2" in parent["command"]
+    assert parent["metrics"] == a["metrics"] and "init_from" not in parent
+    summary = training_summary(b)
+    assert summary["init_from"]["path"] == str(tmp_path / "a/last.pt") and "--init-from" in summary["command"]
+    assert summary["total_wall_time_s"] == round(summary["wall_time_s"] + parent["wall_time_s"], 1)
+    # checkpoints from before the record existed: the summary reads the --init-from file itself
+    del b["runtime"]["parent"]
+    assert training_summary(b)["init_from"]["sha256"] == parent["sha256"]
 
 
 def test_nan_loss_stops_with_a_clear_message(tiny_data, tmp_path):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -47,3 +48,63 @@ def model_from_checkpoint(ckpt: dict) -> tuple[NiN, NiNConfig]:
     model = NiN(config)
     model.load_state_dict(ckpt["model"])
     return model.eval(), config
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def command_from_args(args: dict) -> str | None:
+    """The explicit `python -m training` command that reproduces a run's resolved arguments
+    (for checkpoints written before the runtime record kept the command line)."""
+    if not args:
+        return None
+    skip = {"resume", "out", "data_dir", "lr_find", "lr_find_steps", "init_from", "max_steps", "eval_limit"}
+    parts = ["python -m training"]
+    for k, v in args.items():
+        if k in skip or v is None:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            parts.append(flag if v else f"--no-{k.replace('_', '-')}" if k in ("nesterov", "augment", "batch_norm") else "")
+        else:
+            parts.append(f"{flag} {v}")
+    return " ".join(p for p in parts if p)
+
+
+def training_summary(ckpt: dict, hardware: str | None = None) -> dict:
+    """How a checkpoint came to be: command, hardware, epochs, wall time, per-epoch metrics, and
+    (for a run started with --init-from) the same record of the run it started from, so a
+    fine-tuned model's card shows its whole history. `hardware` is the fallback for
+    checkpoints written before the runtime record existed."""
+    metrics = ckpt.get("metrics") or []
+    args = ckpt.get("args") or {}
+    runtime = ckpt.get("runtime") or {}
+    own = round(sum(float(m.get("epoch_seconds", 0)) for m in metrics), 1)
+    summary = {
+        "preset": args.get("preset"),
+        "args": args,
+        "epochs_completed": ckpt.get("epoch"),
+        "wall_time_s": own,
+        "last_epoch": metrics[-1] if metrics else None,
+        "metrics": metrics,
+        "device": runtime.get("device") or args.get("device"),
+        "hardware": runtime.get("hardware") or hardware,
+        "command": runtime.get("command") or command_from_args(args),
+    }
+    parent = runtime.get("parent")
+    if parent is None and args.get("init_from") and Path(args["init_from"]).is_file():
+        parent = parent_record(args["init_from"], hardware)
+    if parent is not None:
+        summary["init_from"] = parent
+        summary["total_wall_time_s"] = round(own + parent.get("total_wall_time_s", parent["wall_time_s"]), 1)
+    return summary
+
+
+def parent_record(path: str | os.PathLike, hardware: str | None = None) -> dict:
+    """The summary of the checkpoint a run starts from, with its path and sha256."""
+    return {"path": str(path), "sha256": sha256_of(path), **training_summary(load_checkpoint(path), hardware)}

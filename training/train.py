@@ -17,7 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from training.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from training.checkpoint import atomic_write, load_checkpoint, parent_record, save_checkpoint
 from training.config import NiNConfig
 from training.data import DataNotFoundError, find_data_root, load_split
 from training.engine import NonFiniteLossError, evaluate, per_class_accuracy, train_one_epoch
@@ -226,6 +226,12 @@ def main(args: argparse.Namespace) -> int:
 
     runtime_info = {"device": str(rt.device), "hardware": hardware_name(rt.device), "world_size": rt.world_size,
                     "command": " ".join(["python -m training", *sys.argv[1:]])}
+    if args.init_from:  # the record of the run this one starts from travels in every checkpoint
+        parent = ((ckpt or {}).get("runtime") or {}).get("parent")
+        if parent is None and Path(args.init_from).is_file():
+            parent = parent_record(args.init_from)
+        if parent is not None:
+            runtime_info["parent"] = parent
     stop, steps_left = StopFlag(), args.max_steps
     best = max((m["test_acc"] for m in metrics if m["image_size"] == config.image_size), default=-1.0)
     for epoch in range(start_epoch, args.epochs):
