@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import torch
 
-from export.card import metadata_from_card, training_summary, versions
+from export.card import card_markdown, metadata_from_card, training_summary, versions
 from export.checks import CheckFailed, accuracy_gate, assert_parity, parity
 from export.onnx_io import OPSET, export_onnx, load_model, sha256_file, write_metadata
 from export.variants import convert_fp16, cpu_session, ms_per_image, quantize_int8, run_batched
@@ -192,5 +192,6 @@ def _export_into(tmp: Path, checkpoint: Path, ckpt: dict, model, config, opts: E
     plot_confusion(confusion, config.class_names, tmp / "confusion.png",
                    title=f"ONNX fp32: test accuracy {base_acc:.4f} on {len(labels):,} images")
     (tmp / "card.json").write_text(json.dumps(card, indent=1))
+    (tmp / "card.md").write_text(card_markdown(card))
     (tmp / "report.txt").write_text("\n".join(opts.report) + "\n")
     return card

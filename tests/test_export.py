@@ -33,7 +33,7 @@ def env(tmp_path_factory):
 def test_export_passes_every_check_and_writes_the_card(env):
     out, card = env["out"], env["card"]
     assert sorted(p.name for p in out.iterdir()) == [
-        "card.json", "confusion.png", "model.fp16.onnx", "model.int8.onnx", "model.onnx", "report.txt"]
+        "card.json", "card.md", "confusion.png", "model.fp16.onnx", "model.int8.onnx", "model.onnx", "report.txt"]
     assert json.loads((out / "card.json").read_text()) == json.loads(json.dumps(card))
     par = card["checks"]["parity"]
     assert par["images"] == 48 and par["disagreements_outside_near_ties"] == 0 and par["max_abs_diff"] < 1e-3
@@ -46,6 +46,10 @@ def test_export_passes_every_check_and_writes_the_card(env):
     report = (out / "report.txt").read_text()
     assert "onnx.checker full check: ok" in report and "parity on 48 real test images" in report
     assert not list(env["root"].glob(".out.tmp-*"))  # no temporary folder left
+    page = (out / "card.md").read_text()  # the card for people says the same
+    assert f"**Test accuracy {card['test_accuracy']:.4f}** on all 48 test images" in page
+    assert all(f["sha256"] in page for f in card["files"].values())
+    assert "| 1 | 1 |" in page and page.count("| 0.2 |") == 1  # the checkpoint's one epoch of 12.5 s
 
 
 def test_metadata_round_trips(env):
