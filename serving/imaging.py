@@ -127,3 +127,12 @@ def softmax_top_k(logits: np.ndarray, class_names: list[str], k: int) -> list[di
             "top_k": [{"label": int(i), "class_name": class_names[i], "probability": round(float(row[i]), 6)} for i in order],
         })
     return out
+
+
+def warm_up(contract: dict, max_pixels: int) -> None:
+    """Decode one small image per common format, so the first request does not pay for Pillow's
+    lazy plugin imports and first-use set-up (7.7 ms on the first PNG here, 0.5 ms after)."""
+    for fmt, mode in (("PNG", "L"), ("JPEG", "RGB"), ("WEBP", "RGB")):
+        buf = io.BytesIO()
+        Image.new(mode, (28, 28)).save(buf, format=fmt)
+        to_contract(buf.getvalue(), contract, max_pixels)

@@ -13,7 +13,7 @@ import threading
 
 import bentoml
 
-from serving import http, model_files
+from serving import http, imaging, model_files
 from serving.engine import Engine, Settings
 from serving.model_files import ModelLoadError
 
@@ -44,7 +44,11 @@ class NiNClassifier:
         self.engine = Engine(Settings.from_env())
         http.attach(self.engine)
         # warm up off the start-up path: /livez answers at once, /readyz once this is done
-        threading.Thread(target=self.engine.warm_up, name="warm-up", daemon=True).start()
+        threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
+
+    def _warm_up(self) -> None:
+        imaging.warm_up(self.engine.contract, self.engine.settings.max_pixels)
+        self.engine.warm_up()
 
     def __is_ready__(self) -> bool:
         return self.engine.ready.is_set()

@@ -114,3 +114,10 @@ def test_softmax_top_k():
     assert [t["class_name"] for t in out["top_k"]] == ["b", "c"]
     p = np.exp([0.0, 2.0, 1.0]) / np.exp([0.0, 2.0, 1.0]).sum()
     assert out["top_k"][0]["probability"] == pytest.approx(p[1], abs=1e-6)
+
+
+def test_warm_up_loads_the_decoders_a_first_request_needs():
+    imaging.warm_up(CONTRACT, 10**8)
+    assert {"PNG", "JPEG", "WEBP"} <= set(Image.OPEN)
+    with pytest.raises(InputError):  # it goes through the same checks as a request
+        imaging.warm_up(CONTRACT, max_pixels=100)
