@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -173,7 +174,7 @@ def torch_baseline(folder: Path, x: np.ndarray, repeats: int = 20) -> dict:
     model = NiN(NiNConfig.from_dict(card["model_config"])).eval()
     out = {}
     with torch.inference_mode():
-        for b in (1, 32):
+        for b in (1, 8, 32):
             xb = torch.from_numpy(np.ascontiguousarray(np.resize(x, (b, *x.shape[1:]))))
             model(xb)
             n = max(3, repeats // b)
@@ -198,8 +199,7 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
-            out = proc.stdout.read()[-3000:] if proc.stdout else ""
-            raise RuntimeError(f"server exited with {proc.returncode}\n{out}")
+            raise RuntimeError(f"server exited with {proc.returncode}\n{server_output(proc)}")
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return
@@ -210,13 +210,25 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
 
 
 def start_server(model: str | Path, port: int, env: dict | None = None, quiet: bool = False) -> subprocess.Popen:
-    """`bentoml serve` from the repository root, in its own process group."""
+    """`bentoml serve` from the repository root, in its own process group. Its output goes to an
+    unnamed temporary file (`proc.log`), never to a pipe: a pipe nobody reads fills up with access
+    log lines after a few hundred requests and then blocks the server."""
     bentoml = Path(sys.executable).with_name("bentoml")
-    return subprocess.Popen(
+    log = None if quiet else tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(
         [str(bentoml), "serve", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
         env={**os.environ, "NIN_MODEL": str(model), **(env or {})},
-        stdout=subprocess.DEVNULL if quiet else subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+        stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def server_output(proc: subprocess.Popen, tail: int = 3000) -> str:
+    log = getattr(proc, "log", None)
+    if log is None:
+        return ""
+    log.seek(0)
+    return log.read()[-tail:]
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -227,6 +239,8 @@ def stop_server(proc: subprocess.Popen) -> None:
         pass
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    if getattr(proc, "log", None) is not None:
+        proc.log.close()
 
 
 class Server:
@@ -264,10 +278,10 @@ def markdown(result: dict) -> str:
     for name, b in result["baselines"].items():
         if b is None:
             continue
-        if "best_batch" in b:
-            lines.append(f"| onnxruntime {name} | {b['batch1_ms']} | {b['best_batch']} | {b['best_img_s']} |")
-        else:
-            lines.append(f"| PyTorch eager fp32 ({b['threads']} threads) | {b['by_batch'][1]['ms_per_batch']} | 32 | {b['by_batch'][32]['img_s']} |")
+        by_batch = {int(k): v for k, v in b["by_batch"].items()}  # JSON keys are strings
+        best = max(by_batch, key=lambda k: by_batch[k]["img_s"])
+        engine = f"onnxruntime {name}" if name != "torch" else f"PyTorch eager fp32 ({b['threads']} threads)"
+        lines.append(f"| {engine} | {by_batch[1]['ms_per_batch']} | {best} | {by_batch[best]['img_s']} |")
     if result.get("targets"):
         lines += ["", "### targets", ""] + [f"- {'met' if t['met'] else 'MISSED'}: {t['what']} ({t['detail']})" for t in result["targets"]]
     if result.get("soak"):
@@ -360,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"hardware": hardware_name(torch.device("cpu")), "images": len(pngs), "duration_s": args.duration,
               "service": {}, "baselines": {}}
     variants = args.variants.split(",") if not args.url else ["running"]
-    for v in variants:
+    # against a running service, the baseline is the variant it serves
+    baseline_variants = variants if not args.url else [httpx.get(f"{args.url}/model", timeout=10).json()["variant"]]
+    for v in baseline_variants:
         if v in VARIANT_FILES and (folder / VARIANT_FILES[v]).is_file():
             print(f"baseline: onnxruntime {v} in-process ...", flush=True)
             result["baselines"][v] = ort_baseline(folder / VARIANT_FILES[v], x)

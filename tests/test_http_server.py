@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from serving import imaging
-from serving.bench import free_port, real_test_pngs, start_server, stop_server, wait_ready
+from serving.bench import free_port, real_test_pngs, server_output, start_server, stop_server, wait_ready
 from serving.engine import Engine, Settings
 from tests.conftest import REAL_DATA, png_bytes
 from tests.test_imaging import BAD
@@ -96,6 +96,33 @@ def test_model_endpoint_over_http(server):
 
 def test_bad_model_fails_start_up_with_one_line(tmp_path):
     proc = start(tmp_path / "missing", free_port())
-    out, _ = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    out = server_output(proc)
     assert proc.returncode == 1
     assert out.strip().splitlines()[-1].startswith("error: cannot serve: model folder not found")
+
+
+@REAL_DATA
+def test_bench_measures_the_running_service(server, served_model, tmp_path):
+    """`python -m serving.bench --url`, briefly: load levels, baselines, soak and all three outputs."""
+    import json
+
+    from serving.bench import main as bench_main
+
+    rc = bench_main(["--url", server, "--model", str(served_model), "--concurrency", "1,4", "--duration", "1",
+                     "--images", "16", "--soak", "300", "--out", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    variant = httpx.get(f"{server}/model").json()["variant"]
+    levels = result["service"][variant]["levels"]
+    assert set(levels) == {"1", "4"}
+    for r in levels.values():
+        assert r["requests"] > 0 and r["errors"] == 0 and r["p50"] <= r["p99"] <= r["max"]
+        assert r["server_inference_ms"] > 0 and r["peak_rss_mb"] > 0
+    assert levels["1"]["mean_batch_size"] == 1.0
+    assert result["baselines"][variant]["batch1_ms"] > 0 and result["baselines"]["torch"]["by_batch"]
+    assert result["soak"]["requests"] == 300 and result["soak"]["errors"] == 0
+    assert any(t["what"].startswith(f"{variant}: service p50 at c=1") for t in result["targets"])
+    page = (tmp_path / "bench.md").read_text()
+    assert "| 4 |" in page and "in-process baselines" in page and "soak: 300 requests, 0 errors" in page
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
