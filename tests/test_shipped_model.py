@@ -13,10 +13,10 @@ from tests.conftest import REAL_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "nin-fashion-mnist"
-# Issue 6 asks for >= 0.92; the model shipped on 2026-11-25 (CPU, 5 epochs at 112 px + 1 at 224 px)
-# reaches 0.897 and is kept until a longer run replaces it. This floor guards against shipping an
-# untrained or broken model; the card must say what the model really does.
-MIN_ACCURACY = 0.85
+# Issue 6 asks for >= 0.92; the model shipped on 2026-11-25 (CPU: 5 epochs at 112 px, then 2 at
+# 224 px) reaches 0.9089 and is kept until a longer run replaces it. This floor guards against
+# shipping a worse or broken model; the card must say what the model really does.
+MIN_ACCURACY = 0.90
 pytestmark = [pytest.mark.integration, pytest.mark.slow, REAL_DATA,
               pytest.mark.skipif(not (SHIPPED / "card.json").is_file(), reason="no shipped model yet")]
 
