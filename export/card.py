@@ -7,8 +7,6 @@ import platform
 import onnx
 import onnxruntime as ort
 
-from training.checkpoint import command_from_args, training_summary  # noqa: F401 (re-exported)
-
 
 def versions() -> dict:
     import torch

@@ -13,11 +13,12 @@ import numpy as np
 import onnx
 import torch
 
-from export.card import card_markdown, metadata_from_card, training_summary, versions
+from export.card import card_markdown, metadata_from_card, versions
 from export.checks import CheckFailed, accuracy_gate, assert_parity, parity
-from export.onnx_io import OPSET, export_onnx, load_model, sha256_file, write_metadata
+from export.onnx_io import OPSET, export_onnx, load_model, write_metadata
 from export.variants import convert_fp16, cpu_session, ms_per_image, quantize_int8, run_batched
-from training.checkpoint import load_checkpoint, model_from_checkpoint
+from serving.model_files import sha256 as sha256_file
+from training.checkpoint import load_checkpoint, model_from_checkpoint, training_summary
 from training.data import find_data_root, load_split, to_model_input
 from training.plots import plot_confusion
 

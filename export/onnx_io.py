@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,14 +17,6 @@ META_KEYS = ("class_names", "input_contract", "model_config", "metrics", "proven
 
 class InvalidModelError(ValueError):
     """The file is missing, not ONNX, or not a NiN export of this project."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_onnx(model, path: str | os.PathLike, image_size: int = 224, in_channels: int = 1) -> None:

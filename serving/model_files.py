@@ -35,7 +35,9 @@ def resolve(source: str | None) -> Path:
     return path
 
 
-def sha256(path: Path) -> str:
+def sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, read in 1 MiB blocks: the one hasher for checkpoints, model files and the
+    server's verification against the card (torch-free, so the server can use it)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

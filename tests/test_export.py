@@ -11,7 +11,8 @@ import export.exporter as exporter
 from export.__main__ import main as export_main
 from export.card import metadata_from_card
 from export.checks import CheckFailed, accuracy_gate, parity
-from export.onnx_io import InvalidModelError, load_model, read_metadata, sha256_file
+from export.onnx_io import InvalidModelError, load_model, read_metadata
+from serving.model_files import sha256 as sha256_file
 from export.variants import cpu_session
 from tests.conftest import export_random_model
 from training.checkpoint import save_checkpoint

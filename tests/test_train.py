@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from training import data, train
-from training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, sha256_of, training_summary
+from serving.model_files import sha256
+from training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, training_summary
 from training.config import NiNConfig
 from training.data import to_model_input
 from training.lr_find import suggest_lr
@@ -108,7 +109,7 @@ def test_init_from_fine_tunes_from_a_checkpoint(tiny_data, tmp_path):
     assert b["batch_in_epoch"] == 1 and b["scheduler"]["last_epoch"] == 1
     # the fine-tuned checkpoint carries the record of the run it started from
     parent = b["runtime"]["parent"]
-    assert parent["sha256"] == sha256_of(tmp_path / "a/last.pt") and "--max-steps 2" in parent["command"]
+    assert parent["sha256"] == sha256(tmp_path / "a/last.pt") and "--max-steps 2" in parent["command"]
     assert parent["metrics"] == a["metrics"] and "init_from" not in parent
     summary = training_summary(b)
     assert summary["init_from"]["path"] == str(tmp_path / "a/last.pt") and "--init-from" in summary["command"]

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 
 from training.config import NiNConfig
+from serving.model_files import sha256
 from training.model import NiN
 
 
@@ -48,14 +48,6 @@ def model_from_checkpoint(ckpt: dict) -> tuple[NiN, NiNConfig]:
     model = NiN(config)
     model.load_state_dict(ckpt["model"])
     return model.eval(), config
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def command_from_args(args: dict) -> str | None:
@@ -107,4 +99,4 @@ def training_summary(ckpt: dict, hardware: str | None = None) -> dict:
 
 def parent_record(path: str | os.PathLike, hardware: str | None = None) -> dict:
     """The summary of the checkpoint a run starts from, with its path and sha256."""
-    return {"path": str(path), "sha256": sha256_of(path), **training_summary(load_checkpoint(path), hardware)}
+    return {"path": str(path), "sha256": sha256(path), **training_summary(load_checkpoint(path), hardware)}
