@@ -40,15 +40,14 @@ def real_test_pngs(n: int, data_dir: str | None = None) -> tuple[list[bytes], np
     """The first n real Fashion-MNIST test images as uploads: 224x224 8-bit PNG (PIL bilinear)."""
     import io
 
-    from PIL import Image
-
+    from serving.imaging import as_uploads
     from training.data import find_data_root, load_split
 
     x, y = load_split(find_data_root(data_dir, allow_download=False), train=False)
     out = []
-    for img in x[:n].numpy():
+    for img in as_uploads(x[:n].numpy(), 224):
         buf = io.BytesIO()
-        Image.fromarray(img).resize((224, 224), Image.BILINEAR).save(buf, format="PNG")
+        img.save(buf, format="PNG")
         out.append(buf.getvalue())
     return out, y[:n].numpy()
 

@@ -108,6 +108,13 @@ def to_contract(data: bytes, contract: dict, max_pixels: int) -> Decoded:
     return Decoded(gray, fmt, original_mode, original_size, notes)
 
 
+def as_uploads(images_u8: np.ndarray, size: int) -> list[Image.Image]:
+    """(N, h, w) uint8 arrays -> the 8-bit grayscale images a client uploads: PIL bilinear resize
+    to size x size. The exporter measures accuracy on these and the HTTP tests and the benchmark
+    upload them, so a model card's accuracy is the served accuracy, to the pixel."""
+    return [Image.fromarray(a).resize((size, size), Image.BILINEAR) for a in np.asarray(images_u8, np.uint8)]
+
+
 def normalize(images: list[Image.Image] | list[np.ndarray], contract: dict) -> np.ndarray:
     """8-bit grayscale images -> float32 (N, 1, H, W): pixel * scale, then (x - mean) / std."""
     a = np.stack([np.asarray(i, dtype=np.float32) for i in images])[:, None]

@@ -75,6 +75,24 @@ def test_resize_is_the_training_resize():
     assert np.array_equal(got, np.asarray(Image.fromarray(small).resize((224, 224), Image.BILINEAR)))
 
 
+def test_as_uploads_is_what_the_server_sees_and_near_the_training_resize():
+    import torch
+
+    from training.data import to_model_input
+
+    small = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    ups = imaging.as_uploads(small, 224)
+    assert [(u.mode, u.size) for u in ups] == [("L", (224, 224))] * 3
+    for u, s in zip(ups, small):  # a 28x28 upload, resized by the server: the same pixels
+        served = imaging.to_contract(png_bytes(Image.fromarray(s)), CONTRACT, MAX_PIXELS).image
+        assert np.array_equal(np.asarray(served), np.asarray(u))
+    # torch's bilinear resize (training) lands within one grey level of PIL's
+    x = imaging.normalize(ups, CONTRACT)
+    t = to_model_input(torch.from_numpy(small), NiNConfig()).numpy()
+    assert x.shape == t.shape == (3, 1, 224, 224)
+    assert np.abs(x - t).max() <= 1.01 * CONTRACT["scale"] / CONTRACT["std"]
+
+
 def truncated(fmt: str) -> bytes:
     data = encode(Image.fromarray(GRAY), fmt)
     return data[: len(data) // 2]

@@ -132,8 +132,9 @@ def to_model_input(
 
     `size` overrides config.image_size (progressive resizing trains early epochs smaller).
 
-    Resized as an uploader's PIL bilinear resize would be, then rounded to whole grey levels,
-    so training sees exactly what the server receives from a 224x224 8-bit PNG.
+    Resized bilinearly on the training device, then rounded to whole grey levels, as an upload
+    of an 8-bit PNG would be. PIL's bilinear resize (what clients and the exporter's accuracy
+    check use: serving.imaging.as_uploads) differs by at most one grey level in some pixels.
     """
     size = size or config.image_size
     x = images.unsqueeze(1).float()
