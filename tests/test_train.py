@@ -119,6 +119,20 @@ def test_init_from_fine_tunes_from_a_checkpoint(tiny_data, tmp_path):
     assert training_summary(b)["init_from"]["sha256"] == parent["sha256"]
 
 
+def test_summary_fills_hardware_only_where_a_run_did_not_record_it():
+    def run(hardware, parent=None):
+        runtime = {"hardware": hardware, "command": "python -m training", **({"parent": parent} if parent else {})}
+        return {"epoch": 1, "args": {}, "metrics": [{"epoch_seconds": 60.0}], "runtime": runtime}
+
+    oldest = training_summary(run(None))  # trained before the runtime record had hardware
+    middle = training_summary(run("CPU B", {"path": "a.pt", "sha256": "0", **oldest}))
+    newest = run("CPU C", {"path": "b.pt", "sha256": "1", **middle})
+    s = training_summary(newest, hardware="CPU A")
+    assert [s["hardware"], s["init_from"]["hardware"], s["init_from"]["init_from"]["hardware"]] == ["CPU C", "CPU B", "CPU A"]
+    assert s["total_wall_time_s"] == 180.0
+    assert training_summary(newest)["init_from"]["init_from"]["hardware"] is None  # no fallback: left unknown
+
+
 def test_nan_loss_stops_with_a_clear_message(tiny_data, tmp_path):
     r = run_cli("--data-dir", str(tiny_data), "--out", str(tmp_path / "nan"), "--max-steps", "40", "--lr", "1e30",
                 "--no-batch-norm", *FAST)

@@ -91,10 +91,21 @@ def training_summary(ckpt: dict, hardware: str | None = None) -> dict:
     parent = runtime.get("parent")
     if parent is None and args.get("init_from") and Path(args["init_from"]).is_file():
         parent = parent_record(args["init_from"], hardware)
+    elif parent is not None and hardware:
+        parent = _with_hardware(parent, hardware)
     if parent is not None:
         summary["init_from"] = parent
         summary["total_wall_time_s"] = round(own + parent.get("total_wall_time_s", parent["wall_time_s"]), 1)
     return summary
+
+
+def _with_hardware(record: dict, hardware: str) -> dict:
+    """`record` and the records it started from, with `hardware` where a run did not record it
+    (runs from before the runtime record existed)."""
+    out = {**record, "hardware": record.get("hardware") or hardware}
+    if out.get("init_from"):
+        out["init_from"] = _with_hardware(out["init_from"], hardware)
+    return out
 
 
 def parent_record(path: str | os.PathLike, hardware: str | None = None) -> dict:
