@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -54,12 +55,20 @@ def real_test_pngs(n: int, data_dir: str | None = None) -> tuple[list[bytes], np
 
 # ---- statistics ---------------------------------------------------------------------------
 
-def summarize(latencies_ms: list[float], errors: int, seconds: float, server: list[dict]) -> dict:
+def error_kind(response: httpx.Response | None, exc: Exception | None = None) -> str:
+    """One short line per failed request, so a report says what failed, not only how often."""
+    if exc is not None:
+        return f"{type(exc).__name__}: {str(exc)[:80]}".rstrip(": ")
+    return f"HTTP {response.status_code}: {response.text[:80]}"
+
+
+def summarize(latencies_ms: list[float], errors: Counter, seconds: float, server: list[dict]) -> dict:
     lat = np.asarray(latencies_ms) if latencies_ms else np.zeros(1)
     pct = {f"p{p}": round(float(np.percentile(lat, p)), 2) for p in (50, 90, 95, 99)}
     mean = lambda key: round(float(np.mean([s["timing_ms"][key] for s in server])), 3) if server else None  # noqa: E731
     return {
-        "requests": len(latencies_ms), "errors": errors, "seconds": round(seconds, 2),
+        "requests": len(latencies_ms), "errors": sum(errors.values()), "error_kinds": dict(errors),
+        "seconds": round(seconds, 2),
         "throughput_img_s": round(len(latencies_ms) / seconds, 1) if seconds else 0.0,
         **pct, "max": round(float(lat.max()), 2),
         "server_queue_ms": mean("queue"), "server_inference_ms": mean("inference"), "server_total_ms": mean("total"),
@@ -73,7 +82,7 @@ def summarize(latencies_ms: list[float], errors: int, seconds: float, server: li
 async def load_level(url: str, pngs: list[bytes], concurrency: int, duration: float | None, count: int | None) -> dict:
     """Closed-loop load: `concurrency` clients, each sending the next image as soon as the last
     answer came, for `duration` seconds or `count` requests in all."""
-    latencies, server, errors = [], [], 0
+    latencies, server, errors = [], [], Counter()
     sent = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
@@ -81,7 +90,7 @@ async def load_level(url: str, pngs: list[bytes], concurrency: int, duration: fl
         stop_at = start + duration if duration else None
 
         async def worker(i: int) -> None:
-            nonlocal sent, errors
+            nonlocal sent
             while True:
                 if (stop_at and time.perf_counter() >= stop_at) or (count is not None and sent >= count):
                     return
@@ -90,14 +99,14 @@ async def load_level(url: str, pngs: list[bytes], concurrency: int, duration: fl
                 t = time.perf_counter()
                 try:
                     r = await client.post("/classify", content=png, headers={"Content-Type": "image/png"})
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                if ok:
+                except httpx.HTTPError as e:
+                    errors[error_kind(None, e)] += 1
+                    continue
+                if r.status_code == 200:
                     latencies.append((time.perf_counter() - t) * 1000)
                     server.append(r.json())
                 else:
-                    errors += 1
+                    errors[error_kind(r)] += 1
 
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         seconds = time.perf_counter() - start
@@ -114,10 +123,10 @@ def rss_mb(pid: int) -> float:
 
 async def soak(url: str, pngs: list[bytes], requests: int, concurrency: int, pid: int, warmup: int = 500) -> dict:
     """`requests` requests; the worker's RSS sampled every 250; growth measured after `warmup`."""
-    samples, done, errors = [], 0, 0
+    samples, done, errors = [], 0, Counter()
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         async def worker() -> None:
-            nonlocal done, errors
+            nonlocal done
             while done < requests:
                 png = pngs[done % len(pngs)]
                 done += 1
@@ -125,15 +134,17 @@ async def soak(url: str, pngs: list[bytes], requests: int, concurrency: int, pid
                     samples.append((done, round(rss_mb(pid), 1)))
                 try:
                     r = await client.post("/classify", content=png, headers={"Content-Type": "image/png"})
-                    errors += r.status_code != 200
-                except httpx.HTTPError:
-                    errors += 1
+                    if r.status_code != 200:
+                        errors[error_kind(r)] += 1
+                except httpx.HTTPError as e:
+                    errors[error_kind(None, e)] += 1
 
         t = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - t
     after = [rss for n, rss in samples if n >= warmup] or [samples[-1][1]]
-    return {"requests": requests, "errors": errors, "seconds": round(seconds, 1), "rss_samples": samples,
+    return {"requests": requests, "errors": sum(errors.values()), "error_kinds": dict(errors),
+            "seconds": round(seconds, 1), "rss_samples": samples,
             "rss_after_warmup_mb": after[0], "rss_end_mb": after[-1], "rss_max_mb": max(after),
             "rss_growth_mb": round(max(after) - after[0], 1)}
 
@@ -272,7 +283,8 @@ def markdown(result: dict) -> str:
             lines.append(f"| {c} | {r['throughput_img_s']} | {r['p50']} | {r['p90']} | {r['p95']} | {r['p99']} | {r['max']} | "
                          f"{r['errors']} | {r['server_queue_ms']} | {r['server_inference_ms']} | {r['mean_batch_size']} | {r['peak_rss_mb']} | "
                          f"{r['client_cpu_cores']} |")
-        lines.append("")
+        failed = [f"- c={c}: {n} x {kind}" for c, r in v["levels"].items() for kind, n in r.get("error_kinds", {}).items()]
+        lines += (["", "Failed requests:", *failed] if failed else []) + [""]
     lines += ["### in-process baselines", "", "| engine | batch 1 ms | best batch | best img/s |", "|---|---|---|---|"]
     for name, b in result["baselines"].items():
         if b is None:
@@ -287,6 +299,7 @@ def markdown(result: dict) -> str:
         s = result["soak"]
         lines += ["", f"### soak: {s['requests']:,} requests, {s['errors']} errors, RSS {s['rss_after_warmup_mb']} MB after warm-up, "
                       f"max {s['rss_max_mb']} MB, growth {s['rss_growth_mb']} MB ({s['seconds']} s)"]
+        lines += [f"- {n} x {kind}" for kind, n in s.get("error_kinds", {}).items()]
     return "\n".join(lines) + "\n"
 
 

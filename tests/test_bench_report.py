@@ -1,0 +1,23 @@
+"""The benchmark's report logic without a server: failed requests are counted by kind and named."""
+
+from collections import Counter
+
+import httpx
+
+from serving.bench import error_kind, markdown, summarize
+
+
+def test_failed_requests_are_reported_by_kind():
+    kinds = Counter()
+    kinds[error_kind(httpx.Response(503, text='{"error":"overloaded"}'))] += 2
+    kinds[error_kind(None, httpx.ReadTimeout("timed out"))] += 1
+    server = [{"timing_ms": {"queue": 1.0, "inference": 5.0, "total": 7.0}, "batch_size": 1,
+               "memory": {"peak_rss_mb": 300.0}}] * 3
+    level = {**summarize([10.0, 12.0, 30.0], kinds, 1.0, server), "client_cpu_cores": 0.1}
+    assert level["errors"] == 3 and level["requests"] == 3 and level["throughput_img_s"] == 3.0
+    assert level["error_kinds"] == {'HTTP 503: {"error":"overloaded"}': 2, "ReadTimeout: timed out": 1}
+    result = {"hardware": "test CPU", "images": 3, "duration_s": 1.0, "baselines": {},
+              "service": {"int8": {"provider": "CPUExecutionProvider", "levels": {"64": level}}}}
+    page = markdown(result)
+    assert "| 64 | 3.0 |" in page
+    assert '- c=64: 2 x HTTP 503: {"error":"overloaded"}' in page and "- c=64: 1 x ReadTimeout: timed out" in page
