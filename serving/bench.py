@@ -58,8 +58,22 @@ def real_test_pngs(n: int, data_dir: str | None = None) -> tuple[list[bytes], np
 def error_kind(response: httpx.Response | None, exc: Exception | None = None) -> str:
     """One short line per failed request, so a report says what failed, not only how often."""
     if exc is not None:
-        return f"{type(exc).__name__}: {str(exc)[:80]}".rstrip(": ")
+        message = str(exc)[:80]
+        return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     return f"HTTP {response.status_code}: {response.text[:80]}"
+
+
+async def classify(client: httpx.AsyncClient, png: bytes, errors: Counter) -> httpx.Response | None:
+    """POST one PNG to /classify: the 200 response, or None with the failure counted by kind."""
+    try:
+        r = await client.post("/classify", content=png, headers={"Content-Type": "image/png"})
+    except httpx.HTTPError as e:
+        errors[error_kind(None, e)] += 1
+        return None
+    if r.status_code != 200:
+        errors[error_kind(r)] += 1
+        return None
+    return r
 
 
 def summarize(latencies_ms: list[float], errors: Counter, seconds: float, server: list[dict]) -> dict:
@@ -97,16 +111,10 @@ async def load_level(url: str, pngs: list[bytes], concurrency: int, duration: fl
                 png = pngs[sent % len(pngs)]
                 sent += 1
                 t = time.perf_counter()
-                try:
-                    r = await client.post("/classify", content=png, headers={"Content-Type": "image/png"})
-                except httpx.HTTPError as e:
-                    errors[error_kind(None, e)] += 1
-                    continue
-                if r.status_code == 200:
+                r = await classify(client, png, errors)
+                if r is not None:
                     latencies.append((time.perf_counter() - t) * 1000)
                     server.append(r.json())
-                else:
-                    errors[error_kind(r)] += 1
 
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         seconds = time.perf_counter() - start
@@ -132,12 +140,7 @@ async def soak(url: str, pngs: list[bytes], requests: int, concurrency: int, pid
                 done += 1
                 if done % 250 == 0:
                     samples.append((done, round(rss_mb(pid), 1)))
-                try:
-                    r = await client.post("/classify", content=png, headers={"Content-Type": "image/png"})
-                    if r.status_code != 200:
-                        errors[error_kind(r)] += 1
-                except httpx.HTTPError as e:
-                    errors[error_kind(None, e)] += 1
+                await classify(client, png, errors)
 
         t = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))

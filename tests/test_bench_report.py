@@ -16,6 +16,7 @@ def test_failed_requests_are_reported_by_kind():
     level = {**summarize([10.0, 12.0, 30.0], kinds, 1.0, server), "client_cpu_cores": 0.1}
     assert level["errors"] == 3 and level["requests"] == 3 and level["throughput_img_s"] == 3.0
     assert level["error_kinds"] == {'HTTP 503: {"error":"overloaded"}': 2, "ReadTimeout: timed out": 1}
+    assert error_kind(None, httpx.ConnectError("")) == "ConnectError"
     result = {"hardware": "test CPU", "images": 3, "duration_s": 1.0, "baselines": {},
               "service": {"int8": {"provider": "CPUExecutionProvider", "levels": {"64": level}}}}
     page = markdown(result)
