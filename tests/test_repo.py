@@ -1,0 +1,33 @@
+"""The repository itself: what travels to the GPU machine must fit its 64 MiB transfer."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tracked files at most 24 MB, so the Fashion-MNIST .gz files (30 MB) and some wheels travel
+# beside the tree in one 64 MiB transfer (scripts/gpu_proof.py, issue 12).
+MAX_TRACKED_BYTES = 24 * 10**6
+
+
+def tracked_files() -> list[Path]:
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    return [ROOT / p for p in out.decode().split("\0") if p]
+
+
+def test_tracked_tree_fits_the_gpu_transfer():
+    files = [p for p in tracked_files() if p.is_file()]
+    sizes = sorted(((p.stat().st_size, p.relative_to(ROOT)) for p in files), reverse=True)
+    total = sum(s for s, _ in sizes)
+    biggest = ", ".join(f"{p} {s / 1e6:.1f} MB" for s, p in sizes[:5])
+    assert total <= MAX_TRACKED_BYTES, f"tracked files are {total / 1e6:.1f} MB (limit 24 MB); biggest: {biggest}"
+
+
+def test_no_training_checkpoint_is_tracked():
+    """Checkpoints live in git history only (README: `git show COMMIT:runs/NAME/last.pt`)."""
+    pts = [str(p.relative_to(ROOT)) for p in tracked_files() if p.suffix == ".pt"]
+    assert pts == [], f"checkpoints are tracked again: {pts}"
