@@ -209,3 +209,40 @@ def test_ddp_two_processes_on_cpu(tiny_data, tmp_path):
     # evaluation was reduced over both ranks: all 16 evaluation images counted once
     assert rows[1].split(",")[rows[0].split(",").index("test_images")] == "16"
     assert json.loads((out / "args.json").read_text())["world_size"] == 2
+
+
+def test_target_acc_stops_at_the_first_epoch_that_reaches_it(tiny_data, tmp_path):
+    out = tmp_path / "t"
+    fast = [a for a in FAST if a not in ("--eval-limit", "16")]
+    r = run_cli("--data-dir", str(tiny_data), "--out", str(out), "--epochs", "3", "--target-acc", "0.01", *fast)
+    assert r.returncode == 0, r.stderr
+    assert len((out / "metrics.csv").read_text().splitlines()) == 2  # header + the one epoch
+    assert "reached --target-acc 0.01 after epoch 1" in r.stderr
+    bad = run_cli("--data-dir", str(tiny_data), "--out", str(out), "--target-acc", "93", *FAST)
+    assert bad.returncode == 2 and "--target-acc must be in (0, 1]" in bad.stderr
+
+
+def test_epoch_batches_live_where_the_data_lives():
+    import argparse
+
+    from training.runtime import make_runtime
+
+    rt = make_runtime("cpu", "off", "auto")
+    args = argparse.Namespace(batch_size=8, seed=0)
+    a = train.epoch_batches(40, args, rt, 1, "cpu")
+    assert [len(b) for b in a] == [8] * 5 and all(b.device.type == "cpu" for b in a)
+    assert torch.equal(torch.cat(a), torch.cat(train.epoch_batches(40, args, rt, 1)))  # same order for a seed
+    assert torch.cat(a).sort().values.tolist() == list(range(40))
+
+
+def test_training_profile_cli_on_the_cpu(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "training.profile", "--device", "cpu", "--batch-size", "2", "--steps", "2",
+                        "--warmup", "1", "--width", "0.25", "--image-size", "112", "--json", str(tmp_path / "p.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "p.json").read_text())
+    assert summary["steps"] == 2 and summary["img_per_s"] > 0 and summary["host_syncs_per_step"] == 0
+    assert "aten::convolution" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "training.profile", "--steps", "0"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --steps must be positive, got 0"

@@ -111,15 +111,19 @@ def load_split(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 def random_crop_flip(images: torch.Tensor, pad: int = 2, generator: torch.Generator | None = None) -> torch.Tensor:
     """Batched augmentation at 28x28: zero-pad by `pad`, crop back at a random offset per image,
-    flip half the images left-right. `images` is (B, H, W) uint8 on any device."""
+    flip half the images left-right. `images` is (B, H, W) uint8 on any device.
+
+    The offsets and flips are drawn on the images' device (with `generator`, if given, which
+    must live there too), so a GPU step never waits for a host-to-device copy.
+    """
     b, h, w = images.shape
     dev = images.device
     padded = F.pad(images, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b, 1, 1), generator=generator).to(dev)
-    dx = torch.randint(0, 2 * pad + 1, (b, 1, 1), generator=generator).to(dev)
+    dy = torch.randint(0, 2 * pad + 1, (b, 1, 1), generator=generator, device=dev)
+    dx = torch.randint(0, 2 * pad + 1, (b, 1, 1), generator=generator, device=dev)
     rows = torch.arange(h, device=dev).view(1, h, 1) + dy
     cols = torch.arange(w, device=dev).view(1, 1, w) + dx
-    flip = (torch.rand(b, 1, 1, generator=generator) < 0.5).to(dev)
+    flip = torch.rand(b, 1, 1, generator=generator, device=dev) < 0.5
     cols = torch.where(flip, cols.flip(-1), cols)
     batch = torch.arange(b, device=dev).view(b, 1, 1)
     return padded[batch, rows, cols]

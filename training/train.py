@@ -31,7 +31,7 @@ log = logging.getLogger("training")
 # Flags a --resume may change; every other argument comes from the checkpoint.
 RUNTIME_ARGS = {
     "device", "amp", "channels_last", "compile", "data_dir", "out", "resume", "max_steps",
-    "eval_limit", "checkpoint_every", "lr_find", "lr_find_steps",
+    "eval_limit", "checkpoint_every", "lr_find", "lr_find_steps", "target_acc",
 }
 
 
@@ -53,6 +53,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images (default: all)")
     p.add_argument("--checkpoint-every", type=int, default=100,
                    help="also write last.pt every N steps within an epoch (default: 100)")
+    p.add_argument("--target-acc", type=float, default=None,
+                   help="stop after the first full-size epoch whose test accuracy reaches this (default: off)")
     p.add_argument("--lr-find", action="store_true", help="run a learning-rate range test instead of training")
     p.add_argument("--lr-find-steps", type=int, default=100, help="steps of the range test (default: 100)")
     # Recipe; None means "the preset's value".
@@ -90,6 +92,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps <= 0:
         raise ValueError(f"--max-steps must be positive, got {args.max_steps}")
+    if args.target_acc is not None and not 0 < args.target_acc <= 1:
+        raise ValueError(f"--target-acc must be in (0, 1], got {args.target_acc}")
     return args
 
 
@@ -117,13 +121,14 @@ def build_scheduler(optimizer, args, steps_per_epoch: int):
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
-def epoch_batches(n: int, args, rt: Runtime, epoch: int) -> list[torch.Tensor]:
-    """This rank's shuffled batches for `epoch`; the same for a given seed, so a resumed run
-    can skip exactly the batches already trained."""
+def epoch_batches(n: int, args, rt: Runtime, epoch: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """This rank's shuffled batches for `epoch`, as index tensors on `device` (where the data
+    lives); the same for a given seed, so a resumed run can skip exactly the batches already
+    trained."""
     sampler = DistributedSampler(range(n), num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
                                  seed=args.seed, drop_last=True)
     sampler.set_epoch(epoch)
-    idx = torch.tensor(list(sampler))
+    idx = torch.tensor(list(sampler), device=device)  # one copy per epoch, not one per step
     usable = len(idx) // args.batch_size * args.batch_size
     return list(idx[:usable].split(args.batch_size))
 
@@ -235,7 +240,7 @@ def main(args: argparse.Namespace) -> int:
     stop, steps_left = StopFlag(), args.max_steps
     best = max((m["test_acc"] for m in metrics if m["image_size"] == config.image_size), default=-1.0)
     for epoch in range(start_epoch, args.epochs):
-        batches = epoch_batches(len(train_x), args, rt, epoch)[skip:]
+        batches = epoch_batches(len(train_x), args, rt, epoch, train_x.device)[skip:]
         size = args.low_res_size if epoch < args.low_res_epochs else config.image_size
         if steps_left is not None:
             batches = batches[:steps_left]
@@ -284,6 +289,11 @@ def main(args: argparse.Namespace) -> int:
                 best = row["test_acc"]
                 save_checkpoint(state, out / "best.pt")
             write_metrics(out, metrics)
+        if args.target_acc is not None and size == config.image_size and row["test_acc"] >= args.target_acc:
+            if rt.is_main:
+                log.info("test accuracy %.4f reached --target-acc %s after epoch %s: stopping",
+                         row["test_acc"], args.target_acc, row["epoch"])
+            break
         if steps_left == 0:
             break
     return 0
