@@ -23,6 +23,21 @@ def cpu_session(path: str | os.PathLike) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def cuda_session(path: str | os.PathLike) -> ort.InferenceSession | None:
+    """A session on the CUDA execution provider, or None where it cannot run (no GPU, no
+    onnxruntime-gpu, or its CUDA libraries missing: onnxruntime would fall back silently)."""
+    from serving.engine import cuda_device_count
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or cuda_device_count() == 0:
+        return None
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    s = ort.InferenceSession(str(path), opts, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    return s if s.get_providers()[0] == "CUDAExecutionProvider" else None
+
+
 def run_batched(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)])

@@ -88,6 +88,7 @@ def summarize(latencies_ms: list[float], errors: Counter, seconds: float, server
         "server_queue_ms": mean("queue"), "server_inference_ms": mean("inference"), "server_total_ms": mean("total"),
         "mean_batch_size": round(float(np.mean([s["batch_size"] for s in server])), 2) if server else None,
         "peak_rss_mb": max((s["memory"]["peak_rss_mb"] for s in server), default=None),
+        "gpu_mb": max((s["memory"]["gpu_mb"] for s in server if s["memory"].get("gpu_mb") is not None), default=None),
     }
 
 
@@ -154,12 +155,15 @@ async def soak(url: str, pngs: list[bytes], requests: int, concurrency: int, pid
 
 # ---- baselines ----------------------------------------------------------------------------
 
-def ort_baseline(path: Path, x: np.ndarray, batches=(1, 8, 16, 32, 64), repeats: int = 3) -> dict:
+def ort_baseline(path: Path, x: np.ndarray, batches=(1, 8, 16, 32, 64), repeats: int = 3, provider: str = "cpu") -> dict:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    providers = (["CUDAExecutionProvider"] if provider == "cuda" else []) + ["CPUExecutionProvider"]
+    s = ort.InferenceSession(str(path), opts, providers=providers)
+    if provider == "cuda" and s.get_providers()[0] != "CUDAExecutionProvider":
+        raise RuntimeError("--provider cuda: onnxruntime's CUDA execution provider did not start")
     name = s.get_inputs()[0].name
     out = {}
     for b in batches:
@@ -226,10 +230,9 @@ def start_server(model: str | Path, port: int, env: dict | None = None, quiet: b
     """`bentoml serve` from the repository root, in its own process group. Its output goes to an
     unnamed temporary file (`proc.log`), never to a pipe: a pipe nobody reads fills up with access
     log lines after a few hundred requests and then blocks the server."""
-    bentoml = Path(sys.executable).with_name("bentoml")
     log = None if quiet else tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(
-        [str(bentoml), "serve", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
+    proc = subprocess.Popen(  # `python -m bentoml`: also where bentoml travels as wheels without its script
+        [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
         env={**os.environ, "NIN_MODEL": str(model), **(env or {})},
         stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     proc.log = log
@@ -279,13 +282,15 @@ def markdown(result: dict) -> str:
     lines = [f"Hardware: {result['hardware']}; {result['images']} real test images as 224x224 PNG; "
              f"{result['duration_s']} s per level.", ""]
     for variant, v in result["service"].items():
+        gpu = any(r.get("gpu_mb") is not None for r in v["levels"].values())
         lines += [f"### service, {variant} ({v['provider']})", "",
-                  "| concurrency | img/s | p50 ms | p90 | p95 | p99 | max | errors | server queue ms | server inference ms | mean batch | peak RSS MB | client CPU (cores) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| concurrency | img/s | p50 ms | p90 | p95 | p99 | max | errors | server queue ms | server inference ms | mean batch | peak RSS MB | client CPU (cores) |"
+                  + (" GPU MB |" if gpu else ""),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
         for c, r in v["levels"].items():
             lines.append(f"| {c} | {r['throughput_img_s']} | {r['p50']} | {r['p90']} | {r['p95']} | {r['p99']} | {r['max']} | "
                          f"{r['errors']} | {r['server_queue_ms']} | {r['server_inference_ms']} | {r['mean_batch_size']} | {r['peak_rss_mb']} | "
-                         f"{r['client_cpu_cores']} |")
+                         f"{r['client_cpu_cores']} |" + (f" {r.get('gpu_mb')} |" if gpu else ""))
         failed = [f"- c={c}: {n} x {kind}" for c, r in v["levels"].items() for kind, n in r.get("error_kinds", {}).items()]
         lines += (["", "Failed requests:", *failed] if failed else []) + [""]
     lines += ["### in-process baselines", "", "| engine | batch 1 ms | best batch | best img/s |", "|---|---|---|---|"]
@@ -365,6 +370,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=500, help="real test images cycled through (default: 500)")
     p.add_argument("--soak", type=int, default=0, help="requests of the soak run on the first variant (default: 0 = none)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (default: search)")
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                   help="execution provider of the in-process baselines (default: cpu; cuda on a GPU machine)")
     p.add_argument("--out", default="bench", help="folder for bench.md, bench.json, bench.png (default: bench)")
     return p
 
@@ -386,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     card = json.loads((folder / "card.json").read_text())
     contract = card["input_contract"]
     x = imaging.normalize([imaging.to_contract(p, contract, 10**8).image for p in pngs[:64]], contract)
-    result = {"hardware": hardware_name(torch.device("cpu")), "images": len(pngs), "duration_s": args.duration,
+    device = torch.device("cuda" if args.provider == "cuda" else "cpu")
+    result = {"hardware": hardware_name(device) + (f" + {hardware_name(torch.device('cpu'))}" if args.provider == "cuda" else ""), "images": len(pngs), "duration_s": args.duration,
               "service": {}, "baselines": {}}
     variants = args.variants.split(",") if not args.url else ["running"]
     # against a running service, the baseline is the variant it serves
@@ -394,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     for v in baseline_variants:
         if v in VARIANT_FILES and (folder / VARIANT_FILES[v]).is_file():
             print(f"baseline: onnxruntime {v} in-process ...", flush=True)
-            result["baselines"][v] = ort_baseline(folder / VARIANT_FILES[v], x)
+            result["baselines"][v] = ort_baseline(folder / VARIANT_FILES[v], x, provider=args.provider,
+                                                  batches=(1, 8, 16, 32, 64) + ((128, 256) if args.provider == "cuda" else ()))
     print("baseline: PyTorch eager ...", flush=True)
     result["baselines"]["torch"] = torch_baseline(folder, x)
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -43,7 +44,7 @@ class Settings:
     def from_env(cls) -> "Settings":
         e = os.environ.get
         try:
-            return cls(
+            settings = cls(
                 model=e("NIN_MODEL") or None, device=e("NIN_DEVICE", "auto"),
                 require_gpu=e("NIN_REQUIRE_GPU", "0").lower() in ("1", "true", "yes"),
                 variant=e("NIN_VARIANT", "auto"), max_batch_size=int(e("NIN_MAX_BATCH_SIZE", "16")),
@@ -54,25 +55,87 @@ class Settings:
             )
         except ValueError as err:
             raise ModelLoadError(f"bad NIN_* setting: {err}") from None
+        if settings.device not in ("auto", "cuda", "cpu"):
+            raise ModelLoadError(f"NIN_DEVICE must be auto, cuda or cpu, got {settings.device!r}")
+        return settings
+
+
+@functools.cache
+def cuda_device_count() -> int:
+    """CUDA devices the driver sees (libcuda's cuInit + cuDeviceGetCount), 0 without a driver.
+
+    Asked before onnxruntime is: its CUDA provider, asked for on a machine without a GPU, prints
+    a red "Failed to load libcuda.so.1" error at every start before falling back to the CPU.
+    """
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
 
 
 class GpuMemory:
-    """GPU memory this process holds, from NVML (onnxruntime has no API for it)."""
+    """GPU memory this process holds, from NVML (onnxruntime has no API for it), sampled by a
+    background thread every `interval_s`: an NVML query takes ~0.1-1 ms, which stays out of
+    the per-batch path. `used_mb()` is the latest sample, `peak_mb()` the largest so far."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval_s: float = 0.2) -> None:
         import pynvml
 
         pynvml.nvmlInit()
         self._nvml = pynvml
         self._handle = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or 0))
         self.name = pynvml.nvmlDeviceGetName(self._handle)
+        self._latest: float | None = None
+        self._peak: float | None = None
+        self._sample()
+        self._interval = interval_s
+        threading.Thread(target=self._loop, name="nvml-sampler", daemon=True).start()
 
-    def used_mb(self) -> float | None:
+    def _sample(self) -> None:
         pid = os.getpid()
         for p in self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
             if p.pid == pid and p.usedGpuMemory is not None:
-                return p.usedGpuMemory / 2**20
-        return None
+                self._latest = p.usedGpuMemory / 2**20
+                self._peak = max(self._peak or 0.0, self._latest)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self._interval)
+            try:
+                self._sample()
+            except Exception:  # noqa: BLE001 - a failed sample leaves the last figure standing
+                pass
+
+    def used_mb(self) -> float | None:
+        return None if self._latest is None else round(self._latest, 1)
+
+    def peak_mb(self) -> float | None:
+        return None if self._peak is None else round(self._peak, 1)
+
+
+def check_gpu_requirement(settings: Settings) -> None:
+    """Raise ModelLoadError when the settings demand a GPU (NIN_REQUIRE_GPU=1, NIN_DEVICE=cuda)
+    that this machine cannot give: checked before any session is made, in one line."""
+    if not (settings.require_gpu or settings.device == "cuda"):
+        return
+    if settings.device == "cpu":
+        raise ModelLoadError("NIN_REQUIRE_GPU=1 contradicts NIN_DEVICE=cpu")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ModelLoadError("a GPU is required (NIN_REQUIRE_GPU=1 or NIN_DEVICE=cuda) but this onnxruntime has no "
+                             "CUDA execution provider; install onnxruntime-gpu[cuda,cudnn]")
+    if cuda_device_count() == 0:
+        raise ModelLoadError("a GPU is required (NIN_REQUIRE_GPU=1 or NIN_DEVICE=cuda) but the CUDA driver sees no "
+                             "device (libcuda.so.1 missing, or no GPU visible); unset it to serve on the CPU")
+
+
+def fp16_checked_on_cuda(card: dict) -> bool:
+    """Whether the exporter's accuracy gate ran the fp16 variant on the CUDA provider."""
+    fp16 = (card.get("variants") or {}).get("fp16") or {}
+    return fp16.get("passed", False) and "CUDAExecutionProvider" in fp16.get("checked_on", [])
 
 
 class Engine:
@@ -89,11 +152,15 @@ class Engine:
         self.gpu = self._gpu_probe()
         self.ready = threading.Event()
         self.warmup_ms: dict[int, float] = {}
+        # one plain line on every start: what serves, where
+        log.info("serving %s variant (%s) on %s%s", self.variant, model_files.VARIANT_FILES[self.variant], self.provider,
+                 f" ({self.gpu.name})" if self.gpu else "")
 
     def _wants_cuda(self) -> bool:
+        check_gpu_requirement(self.settings)
         if self.settings.device == "cpu":
             return False
-        return "CUDAExecutionProvider" in ort.get_available_providers()
+        return "CUDAExecutionProvider" in ort.get_available_providers() and cuda_device_count() > 0
 
     def _open_session(self) -> tuple[ort.InferenceSession, str]:
         s = self.settings
@@ -110,9 +177,8 @@ class Engine:
         if cuda and active != "CUDAExecutionProvider":
             # onnxruntime falls back silently when the CUDA provider cannot load: say so, and
             # serve the variant meant for CPUs.
-            log.warning("CUDA execution provider could not start; falling back to the CPU")
+            log.warning("the CUDA execution provider could not start on a machine with a GPU; falling back to the CPU")
             session, active = self._session(False)
-        log.info("serving %s (%s) on %s", self.folder / model_files.VARIANT_FILES[self.variant], self.variant, active)
         return session, active
 
     def _session(self, cuda: bool) -> tuple[ort.InferenceSession, str]:
@@ -139,9 +205,10 @@ class Engine:
             if want not in model_files.VARIANT_FILES:
                 raise ModelLoadError(f"NIN_VARIANT must be auto, fp32, int8 or fp16, got {want!r}")
             return want
-        # int8 is fastest on CPUs; fp16 halves memory traffic on GPUs; fp32 is always there.
+        # int8 is fastest on CPUs; fp16 halves memory traffic on GPUs, but only where its
+        # accuracy gate ran on the CUDA provider (export on a machine with a GPU); fp32 is always there.
         for v in (["fp16"] if cuda else ["int8"]) + ["fp32"]:
-            if v in have:
+            if v in have and (v != "fp16" or fp16_checked_on_cuda(self.card)):
                 return v
         raise ModelLoadError(f"no servable model file in {self.folder} (card lists {have})")
 
@@ -171,7 +238,7 @@ class Engine:
         logits = self.session.run(None, {self.input_name: x})[0]
         info = {"peak_rss_mb": round((read_status_kb("VmHWM") or 0) / 1024, 1)}
         if self.gpu is not None:
-            info["gpu_mb"] = self.gpu.used_mb()
+            info["gpu_mb"] = self.gpu.used_mb()  # the sampler's latest figure: no NVML call here
         return logits, info
 
     def describe(self) -> dict:
@@ -182,6 +249,7 @@ class Engine:
             "provider": self.provider,
             "available_providers": ort.get_available_providers(),
             "gpu": self.gpu.name if self.gpu else None,
+            "gpu_memory_mb": {"used": self.gpu.used_mb(), "peak": self.gpu.peak_mb()} if self.gpu else None,
             "input_contract": self.contract,
             "class_names": self.class_names,
             "batching": {"max_batch_size": self.settings.max_batch_size, "max_wait_ms": self.settings.max_wait_ms},

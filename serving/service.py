@@ -14,7 +14,7 @@ import threading
 import bentoml
 
 from serving import http, imaging, model_files
-from serving.engine import Engine, Settings
+from serving.engine import Engine, Settings, check_gpu_requirement
 from serving.model_files import ModelLoadError
 
 log = logging.getLogger("serving")
@@ -25,6 +25,7 @@ def preflight() -> None:
     line and exit 1, not a worker restarting forever."""
     try:
         settings = Settings.from_env()
+        check_gpu_requirement(settings)
         folder = model_files.resolve(settings.model)
         card = model_files.load_card(folder)
         for variant in model_files.available_variants(card):

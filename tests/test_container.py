@@ -8,7 +8,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import png_bytes
+from tests.conftest import png_bytes, require_real_data
 from serving.bench import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,10 +45,8 @@ def test_container_serves_real_predictions(image):
         assert httpx.get(f"{url}/model", timeout=10).json()["card"]["test_accuracy"] == card["test_accuracy"]
         from training.data import find_data_root, load_split
 
-        try:
-            x, y = load_split(find_data_root(allow_download=False), train=False)
-        except Exception:
-            pytest.skip("Debian dataset-fashion-mnist not installed")
+        require_real_data()
+        x, y = load_split(find_data_root(allow_download=False), train=False)
         files = [("images", (f"{i}.png", png_bytes(Image.fromarray(x[i].numpy()).resize((224, 224), Image.BILINEAR)), "image/png"))
                  for i in range(50)]
         r = httpx.post(f"{url}/classify_batch", files=files, timeout=60)
