@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 PORT ?= 3000
 
-.PHONY: setup data serve test test-fast stats container container-run
+.PHONY: setup data serve test test-fast stats container container-run gpu-proof gpu-parts gpu-data
 
 # The virtual environment with everything (serving, training, tests); reinstalled when
 # pyproject.toml changes. torch 2.14.1 / torchvision 0.29.1 come from this machine's disk.
@@ -45,3 +45,22 @@ container: $(STAMP)
 
 container-run:
 	bash scripts/container.sh run $(PORT)
+
+# The GPU half, proven in one prepared run on the GPU machine (scripts/gpu_proof.py; README "GPU"):
+#   make gpu-proof OUT=folder DATA=folder-with-the-4-idx-files [STAGE=grid]   on the GPU
+#   make gpu-proof OUT=/tmp/proof DRY=1                                        CPU dry run (the tests run it)
+# No venv there: the GPU machine's python3 has torch; here the venv's python is used.
+GPU_PY = $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+OUT ?= gpu-proof-out
+gpu-proof:
+	$(GPU_PY) scripts/gpu_proof.py --out "$(OUT)" $(if $(DRY),--dry-run) $(if $(DATA),--data-dir "$(DATA)") $(if $(STAGE),--stage $(STAGE))
+
+# Stage 4's luggage: onnxruntime-gpu, bentoml and their wheels for the GPU machine's Python 3.12,
+# in parts that each fit one transfer beside the tree (scripts/gpu_parts.py; README "GPU").
+gpu-parts: $(STAMP)
+	$(BIN)/python scripts/gpu_parts.py prepare --out .gpu/parts
+
+# The data the GPU machine lacks: the four .gz files (30 MB), into an ignored folder that a device
+# call carries (carry [".gpu/data"]).
+gpu-data: data
+	mkdir -p .gpu/data && cp /usr/share/datasets/fashion-mnist/*-ubyte.gz .gpu/data/

@@ -18,6 +18,9 @@ from serving.engine import Engine, Settings, check_gpu_requirement
 from serving.model_files import ModelLoadError
 
 log = logging.getLogger("serving")
+# BentoML's server logging keeps the root at WARNING; the engine's one start-up line ("serving
+# int8 variant (model.int8.onnx) on CPUExecutionProvider") and its fallback warnings are INFO+.
+log.setLevel(logging.INFO)
 
 
 def preflight() -> None:

@@ -11,6 +11,7 @@ from PIL import Image
 from serving import imaging
 from serving.bench import free_port, real_test_pngs, server_output, start_server, stop_server, wait_ready
 from serving.engine import Engine, Settings
+from serving.model_files import VARIANT_FILES
 from tests.conftest import REAL_DATA, png_bytes
 from tests.test_imaging import BAD
 
@@ -23,15 +24,28 @@ def start(model: Path, port: int, extra_env: dict | None = None):
 
 
 @pytest.fixture(scope="module")
-def server(served_model):
+def server_proc(served_model):
     port = free_port()
     proc = start(served_model, port)
-    url = f"http://127.0.0.1:{port}"
+    proc.url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc)
-        yield url
+        wait_ready(proc.url, proc)
+        yield proc
     finally:
         stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def server(server_proc):
+    return server_proc.url
+
+
+def test_start_up_says_in_one_plain_line_what_serves_where(server_proc):
+    out = server_output(server_proc, 20000)
+    info = httpx.get(f"{server_proc.url}/model", timeout=10).json()
+    line = f"serving {info['variant']} variant ({VARIANT_FILES[info['variant']]}) on {info['provider']}"
+    assert line in out and out.count("serving ") == 1, out  # CPU here: "serving int8 variant (model.int8.onnx) on CPU..."
+    assert "libcuda" not in out and "Failed to load" not in out, out
 
 
 @REAL_DATA

@@ -1,0 +1,86 @@
+"""`make gpu-proof DRY=1`: the GPU proof's every stage that can run without CUDA, on the CPU with
+a tiny step budget, so the prepared command cannot rot while no GPU is available."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import make_fashion_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def test_gpu_proof_dry_run_writes_what_comes_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("NIN_CACHE_DIR", str(tmp_path / "cache"))
+    data = make_fashion_mnist(tmp_path / "data", n_train=64, n_test=32)
+    out = tmp_path / "out"
+    r = subprocess.run(["make", "--no-print-directory", "gpu-proof", "DRY=1", f"OUT={out}", f"DATA={data}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all(p.stat().st_size <= 16 * 2**20 for p in out.iterdir()), files
+    assert {"summary.json", "proof.log", "profile.txt", "strong-best.pt", "strong-metrics.csv", "d2l-metrics.csv"} <= set(files)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["dry_run"] and s["rc"] == 0 and s["env"]["torch"] == torch.__version__
+    assert all(st["rc"] == 0 for st in s["stages"].values()), s["stages"]
+    assert s["strong"]["epochs"] == 1 and s["strong"]["device"] == "cpu" and s["strong"]["batch_size"] == 8
+    assert s["strong"]["predicted_training_mb_fp32"]["total"] > 0 and s["stats_batch"]["measured_training_step_mb"] > 0
+    assert s["profile"]["steps"] == 2 and s["profile"]["img_per_s"] > 0
+    assert s["d2l"]["rc"] == 0
+    ckpt = torch.load(out / "strong-best.pt", weights_only=True)
+    assert "optimizer" not in ckpt and ckpt["model_config"]["batch_norm"] is True and ckpt["metrics"]
+    assert "environment:" in (out / "proof.log").read_text()
+
+
+def test_gpu_proof_refuses_a_missing_data_folder(tmp_path):
+    r = subprocess.run(["make", "--no-print-directory", "gpu-proof", "DRY=1", f"OUT={tmp_path}", "DATA=/no/such/folder"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "error: --data-dir /no/such/folder is not a folder" in r.stderr
+
+
+@pytest.mark.real_data
+def test_gpu_serve_proof_dry_run_on_the_cpu_provider(tmp_path):
+    """Stage 4's measurements (agreement with the CPU provider, plain / IO-binding / uint8-input
+    runs, batches in flight) on the CPU provider with tiny sizes: the GPU run's code paths."""
+    import sys
+
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "scripts/gpu_serve_proof.py", "--out", str(out), "--dry-run"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["active_providers"][0] == "CPUExecutionProvider" and s["rc"] == 0
+    fp32 = s["agreement"]["variants"]["fp32"]
+    assert s["agreement"]["images"] == 64 and fp32["argmax_agreement_with_cpu_fp32"] == 1.0
+    row = s["in_process"]["fp32"]["by_batch"]["2"]
+    assert {"plain", "iobinding_on_device", "uint8_input"} <= set(row) and all(v["img_s"] > 0 for v in row.values())
+    assert set(s["in_flight"]["img_s"]) == {"1 thread", "2 threads, 1 session", "4 threads, 1 session", "2 threads, 2 sessions"}
+
+
+def test_uint8_input_graph_gives_the_same_logits(tmp_path):
+    """The uint8-input variant measured on the GPU normalizes inside the graph exactly as the
+    server does outside it."""
+    import importlib.util
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from serving import imaging
+
+    spec = importlib.util.spec_from_file_location("gsp", ROOT / "scripts" / "gpu_serve_proof.py")
+    gsp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gsp)
+    card = json.loads((gsp.SHIPPED / "card.json").read_text())
+    contract = card["input_contract"]
+    x_u8 = np.random.default_rng(0).integers(0, 256, (3, 1, 224, 224), dtype=np.uint8)
+    plain = ort.InferenceSession(str(gsp.SHIPPED / "model.onnx"), providers=["CPUExecutionProvider"])
+    u8 = ort.InferenceSession(gsp.uint8_input_model(gsp.SHIPPED / "model.onnx", contract).SerializeToString(),
+                              providers=["CPUExecutionProvider"])
+    from PIL import Image
+
+    x = imaging.normalize([Image.fromarray(a[0]) for a in x_u8], contract)
+    np.testing.assert_allclose(u8.run(None, {"image": x_u8})[0], plain.run(None, {"image": x})[0], rtol=1e-4, atol=1e-4)
