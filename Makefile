@@ -19,12 +19,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) data
 
-# The real Fashion-MNIST from Debian (the four original IDX .gz files).
+# From Debian: the real Fashion-MNIST (the four original IDX .gz files) and wrk (the benchmark's
+# native load generator). Installed once, as root or through sudo.
 data:
-	@if [ ! -f $(FMNIST) ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
-	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; \
-	  else echo "note: run 'apt-get install dataset-fashion-mnist' as root for the real data"; fi; \
+	@missing=""; [ -f $(FMNIST) ] || missing="dataset-fashion-mnist"; command -v wrk >/dev/null || missing="$$missing wrk"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
+	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq $$missing; \
+	  else echo "note: run 'apt-get install $$missing' as root (real data, benchmark)"; fi; \
 	fi
 
 serve: setup

@@ -13,7 +13,7 @@ Run on the GPU machine after `scripts/gpu_parts.py assemble` (README "GPU"):
    bytes to copy: normalization moves into the graph), several batches in flight (threads on one
    session, and two sessions), and cuDNN's algorithm search (HEURISTIC, EXHAUSTIVE, DEFAULT) with
    each shape's first-run cost;
-5. `bentoml serve` on the GPU under `python -m serving.bench` at concurrency 1, 16, 64, 256, fp32
+5. `bentoml serve` on the GPU under `python -m bench` at concurrency 1, 16, 64, 256, fp32
    and fp16, with the GPU memory each answer reports.
 
 Writes summary.json, serve-proof.log and the bench's bench.json / bench.md / bench.png into OUT.
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             rc |= t.returncode != 0
         summary["agreement"] = agreement(card, provider, args.data_dir, 64 if args.dry_run else None, out)
 
-        from serving.bench import real_test_pngs
+        from bench.images import real_test_pngs
         from serving.imaging import to_contract
 
         pngs, _ = real_test_pngs(64, args.data_dir)
@@ -275,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
             summary["cudnn_conv_algo_search"] = algo_search(SHIPPED / "model.onnx", x, [1, 16, 64, 256], 10)
             log(out, f"cudnn_conv_algo_search: {json.dumps(summary['cudnn_conv_algo_search'])}")
         if not args.dry_run and not args.skip_bench:
-            b = subprocess.run([sys.executable, "-m", "serving.bench", "--variants", "fp32,fp16", "--provider", "cuda",
-                                "--concurrency", "1,16,64,256", "--duration", "8", "--out", str(out)]
+            b = subprocess.run([sys.executable, "-m", "bench", "--variants", "fp32,fp16", "--provider", "cuda",
+                                "--servers", "service", "--python-concurrency", "1,16,64,256", "--native-concurrency", "",
+                                "--duration", "8", "--out", str(out)]
                                + (["--data-dir", args.data_dir] if args.data_dir else []),
                                cwd=ROOT, capture_output=True, text=True, timeout=420)
             log(out, b.stdout[-6000:] + b.stderr[-3000:])

@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from serving import model_files
+from serving.admission import bound_from_budget
 from serving.procfs import read_status_kb, reset_peak_rss
 from serving.model_files import ModelLoadError
 
@@ -39,6 +40,10 @@ class Settings:
     max_bytes: int = 10 * 2**20
     max_pixels: int = 4096 * 4096
     max_batch_images: int = 64
+    # Overload: at most `max_queue` images in the service (0 = derived from the budget and the
+    # measured time of a full batch, serving/admission.py); past it, 503 with Retry-After.
+    latency_budget_ms: float = 500.0
+    max_queue: int = 0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -52,9 +57,13 @@ class Settings:
                 spinning=e("NIN_ORT_SPINNING", "0").lower() in ("1", "true", "yes"),
                 max_bytes=int(e("NIN_MAX_BYTES", str(10 * 2**20))), max_pixels=int(e("NIN_MAX_PIXELS", str(4096 * 4096))),
                 max_batch_images=int(e("NIN_MAX_BATCH_IMAGES", "64")),
+                latency_budget_ms=float(e("NIN_LATENCY_BUDGET_MS", "500")), max_queue=int(e("NIN_MAX_QUEUE", "0")),
             )
         except ValueError as err:
             raise ModelLoadError(f"bad NIN_* setting: {err}") from None
+        if settings.latency_budget_ms <= 0 or settings.max_queue < 0:
+            raise ModelLoadError(f"NIN_LATENCY_BUDGET_MS must be > 0 and NIN_MAX_QUEUE >= 0, got "
+                                 f"{settings.latency_budget_ms} and {settings.max_queue}")
         if settings.device not in ("auto", "cuda", "cpu"):
             raise ModelLoadError(f"NIN_DEVICE must be auto, cuda or cpu, got {settings.device!r}")
         return settings
@@ -152,6 +161,7 @@ class Engine:
         self.gpu = self._gpu_probe()
         self.ready = threading.Event()
         self.warmup_ms: dict[int, float] = {}
+        self.full_batch_ms = 0.0  # median of 3 runs at max_batch_size, measured by warm_up()
         # one plain line on every start: what serves, where
         log.info("serving %s variant (%s) on %s%s", self.variant, model_files.VARIANT_FILES[self.variant], self.provider,
                  f" ({self.gpu.name})" if self.gpu else "")
@@ -229,8 +239,22 @@ class Engine:
             t = time.perf_counter()
             self.session.run(None, {self.input_name: x[:b]})
             self.warmup_ms[b] = round((time.perf_counter() - t) * 1000, 2)
+        full = []
+        for _ in range(3):
+            t = time.perf_counter()
+            self.session.run(None, {self.input_name: x})
+            full.append((time.perf_counter() - t) * 1000)
+        self.full_batch_ms = round(sorted(full)[1], 2)
         self.ready.set()
         log.info("warm-up done for batch sizes 1..%d", self.settings.max_batch_size)
+
+    def queue_bound(self) -> int | None:
+        """Images the service admits at once: NIN_MAX_QUEUE, or derived once warm-up has timed a batch."""
+        if self.settings.max_queue:
+            return self.settings.max_queue
+        if not self.full_batch_ms:
+            return None
+        return bound_from_budget(self.settings.latency_budget_ms, self.full_batch_ms, self.settings.max_batch_size)
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, dict]:
         """Logits for a batch, with the process's peak RSS over the run (and GPU memory)."""
@@ -254,7 +278,9 @@ class Engine:
             "class_names": self.class_names,
             "batching": {"max_batch_size": self.settings.max_batch_size, "max_wait_ms": self.settings.max_wait_ms},
             "limits": {"max_bytes": self.settings.max_bytes, "max_pixels": self.settings.max_pixels,
-                       "max_batch_images": self.settings.max_batch_images},
+                       "max_batch_images": self.settings.max_batch_images,
+                       "latency_budget_ms": self.settings.latency_budget_ms, "max_queue": self.queue_bound(),
+                       "full_batch_ms": self.full_batch_ms},
             "ready": self.ready.is_set(),
             "warmup_ms": self.warmup_ms,
             "card": {k: v for k, v in self.card.items() if k not in ("confusion_matrix",)},

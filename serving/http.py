@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from serving import imaging
+from serving.admission import Admission
 from serving.batching import MicroBatcher
 from serving.engine import Engine
 from serving.imaging import InputError
@@ -34,6 +35,8 @@ QUEUE = Histogram("nin_queue_seconds", "time a request waited for its batch to s
                   buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1))
 PEAK_RSS = Gauge("nin_peak_rss_bytes", "peak resident set size of the worker during the last batch")
 REJECTED = Counter("nin_rejected_requests_total", "requests answered with a 4xx", ["reason"])
+OVERLOADED = Counter("nin_overload_rejections_total", "requests refused with 503: the service held its bound of images")
+IN_SYSTEM = Gauge("nin_images_in_service", "images admitted and not yet answered (the queue the bound limits)")
 RAW_TYPES = ("image/", "application/octet-stream")
 
 
@@ -42,6 +45,7 @@ class State:
 
     engine: Engine | None = None
     batcher: MicroBatcher | None = None
+    admission: Admission = Admission()
 
 
 state = State()
@@ -59,6 +63,26 @@ def attach(engine: Engine) -> None:
         return logits, info
 
     state.batcher = MicroBatcher(run, engine.settings.max_batch_size, engine.settings.max_wait_ms)
+    state.admission = Admission(max_batch_size=engine.settings.max_batch_size)
+
+
+def arm_admission(engine: Engine) -> None:
+    """After warm-up has timed a full batch: bound the images in the service (serving/admission.py)."""
+    state.admission.full_batch_ms = engine.full_batch_ms
+    state.admission.limit = engine.queue_bound()
+    log.info("admitting at most %s images at once (latency budget %g ms, a batch of %d takes %.1f ms)",
+             state.admission.limit, engine.settings.latency_budget_ms, engine.settings.max_batch_size, engine.full_batch_ms)
+
+
+def overloaded(n: int) -> JSONResponse:
+    OVERLOADED.inc()
+    a = state.admission
+    retry = a.retry_after_s()
+    return JSONResponse({"error": "overloaded",
+                         "detail": f"{a.in_system} images are already in the service (limit {a.limit}, about "
+                                   f"{a.in_system / a.max_batch_size * a.full_batch_ms:.0f} ms of work); "
+                                   f"{n} more would pass it: retry after {retry} s"},
+                        status_code=503, headers={"Retry-After": str(retry)})
 
 
 def reject(e: InputError) -> JSONResponse:
@@ -121,39 +145,55 @@ async def _classify(request: Request, field: str, max_files: int) -> JSONRespons
     engine, t0 = state.engine, time.perf_counter()
     if engine is None or not engine.ready.is_set():
         return JSONResponse({"error": "not_ready", "detail": "the model is still warming up"}, status_code=503)
+    held = 0  # images this request holds in the admission count
     try:
-        k = _top_k(request, len(engine.class_names))
-        blobs = await uploads(request, field, max_files)
-        if len(blobs) > max_files:
-            raise InputError(413, "too_many_images", f"{len(blobs)} images; the limit is {max_files}")
-        t_read = time.perf_counter()
-        decoded = []
-        for i, blob in enumerate(blobs):
-            try:
-                decoded.append(imaging.to_contract(blob, engine.contract, engine.settings.max_pixels))
-            except InputError as err:
-                if len(blobs) > 1:
-                    err.detail = f"image {i}: {err.detail}"
-                raise
-    except InputError as err:
-        return reject(err)
-    t_decode = time.perf_counter()
+        if field == "image":  # one image: refused before its body is read
+            if not state.admission.try_enter(1):
+                return overloaded(1)
+            held = 1
+        try:
+            k = _top_k(request, len(engine.class_names))
+            blobs = await uploads(request, field, max_files)
+            if len(blobs) > max_files:
+                raise InputError(413, "too_many_images", f"{len(blobs)} images; the limit is {max_files}")
+            if field != "image":  # a batch: once its images are counted, before decoding them
+                if not state.admission.try_enter(len(blobs)):
+                    return overloaded(len(blobs))
+                held = len(blobs)
+            t_read = time.perf_counter()
+            decoded = []
+            for i, blob in enumerate(blobs):
+                try:
+                    decoded.append(imaging.to_contract(blob, engine.contract, engine.settings.max_pixels))
+                except InputError as err:
+                    if len(blobs) > 1:
+                        err.detail = f"image {i}: {err.detail}"
+                    raise
+        except InputError as err:
+            return reject(err)
+        return await _infer(engine, field, k, decoded, {"t0": t0, "read": t_read, "decode": time.perf_counter()})
+    finally:
+        state.admission.leave(held)
+        IN_SYSTEM.set(state.admission.in_system)
+
+
+async def _infer(engine: Engine, field: str, k: int, decoded: list, t: dict) -> JSONResponse:
+    """Normalize, run through the micro-batcher, build the response with its timing and memory."""
     x = imaging.normalize([d.image for d in decoded], engine.contract)
     t_pre = time.perf_counter()
     step = engine.settings.max_batch_size
     parts = await asyncio.gather(*(state.batcher.submit(x[i : i + step]) for i in range(0, len(x), step)))
-    t_inf = time.perf_counter()
     QUEUE.observe(max(p.queue_ms for p in parts) / 1000)
     preds = imaging.softmax_top_k(np.concatenate([p.logits for p in parts]), engine.class_names, k)
     timing = {
-        "read": (t_read - t0) * 1000,
-        "decode": (t_decode - t_read) * 1000,
-        "preprocess": (t_pre - t_decode) * 1000,
+        "read": (t["read"] - t["t0"]) * 1000,
+        "decode": (t["decode"] - t["read"]) * 1000,
+        "preprocess": (t_pre - t["decode"]) * 1000,
         "queue": max(p.queue_ms for p in parts),
         "inference": sum(p.inference_ms for p in parts),
     }
-    timing["total"] = (time.perf_counter() - t0) * 1000
-    timing = {k: round(v, 3) for k, v in timing.items()}
+    timing["total"] = (time.perf_counter() - t["t0"]) * 1000
+    timing = {name: round(v, 3) for name, v in timing.items()}
     memory = {"peak_rss_mb": max(p.info["peak_rss_mb"] for p in parts)}
     if engine.gpu is not None:
         memory["gpu_mb"] = parts[-1].info.get("gpu_mb")
@@ -161,7 +201,7 @@ async def _classify(request: Request, field: str, max_files: int) -> JSONRespons
     common = {"timing_ms": timing, "memory": memory, "batch_size": max(p.batch_size for p in parts),
               "model": {"variant": engine.variant, "provider": engine.provider}}
     payload = {**results[0], **common} if field == "image" else {"results": results, **common}
-    headers = {"Server-Timing": ", ".join(f"{k};dur={v}" for k, v in timing.items())}
+    headers = {"Server-Timing": ", ".join(f"{name};dur={v}" for name, v in timing.items())}
     return JSONResponse(payload, headers=headers)
 
 

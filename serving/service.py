@@ -53,6 +53,7 @@ class NiNClassifier:
     def _warm_up(self) -> None:
         imaging.warm_up(self.engine.contract, self.engine.settings.max_pixels)
         self.engine.warm_up()
+        http.arm_admission(self.engine)
 
     def __is_ready__(self) -> bool:
         return self.engine.ready.is_set()

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import png_bytes, require_real_data
-from serving.bench import free_port, wait_ready
+from bench.servers import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "container.sh"

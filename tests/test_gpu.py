@@ -137,7 +137,7 @@ def test_training_step_on_cuda_reports_memory():
 
 def real_inputs(n: int) -> tuple[np.ndarray, np.ndarray]:
     from serving import imaging
-    from serving.bench import real_test_pngs
+    from bench.images import real_test_pngs
 
     pngs, labels = real_test_pngs(n)
     contract = json.loads((SHIPPED / "card.json").read_text())["input_contract"]
@@ -180,7 +180,8 @@ def test_engine_serves_on_cuda_when_a_gpu_is_required():
 def test_bentoml_serve_on_cuda():
     import httpx
 
-    from serving.bench import free_port, real_test_pngs, server_output, start_server, stop_server, wait_ready
+    from bench.images import real_test_pngs
+    from bench.servers import free_port, server_output, start_server, stop_server, wait_ready
 
     cuda_session(SHIPPED / "model.onnx")
     port = free_port()

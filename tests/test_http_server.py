@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from serving import imaging
-from serving.bench import free_port, real_test_pngs, server_output, start_server, stop_server, wait_ready
+from bench.images import real_test_pngs
+from bench.servers import free_port, server_output, start_server, stop_server, wait_ready
 from serving.engine import Engine, Settings
 from serving.model_files import VARIANT_FILES
 from tests.conftest import REAL_DATA, png_bytes
@@ -118,25 +119,82 @@ def test_bad_model_fails_start_up_with_one_line(tmp_path):
 
 @REAL_DATA
 def test_bench_measures_the_running_service(server, served_model, tmp_path):
-    """`python -m serving.bench --url`, briefly: load levels, baselines, soak and all three outputs."""
+    """`python -m bench --url`, briefly: load levels, baselines, soak and all three outputs."""
     import json
 
-    from serving.bench import main as bench_main
+    from bench.cli import main as bench_main
 
-    rc = bench_main(["--url", server, "--model", str(served_model), "--concurrency", "1,4", "--duration", "1",
-                     "--images", "16", "--soak", "300", "--out", str(tmp_path)])
+    rc = bench_main(["--url", server, "--model", str(served_model), "--python-concurrency", "1,4",
+                     "--native-concurrency", "1,4", "--duration", "1", "--images", "16", "--soak", "300",
+                     "--out", str(tmp_path)])
     assert rc == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     variant = httpx.get(f"{server}/model").json()["variant"]
-    levels = result["service"][variant]["levels"]
-    assert set(levels) == {"1", "4"}
-    for r in levels.values():
+    run = result["runs"][f"service-{variant}"]
+    assert set(run["python"]) == set(run["native"]) == {"1", "4"}
+    for r in run["python"].values():
         assert r["requests"] > 0 and r["errors"] == 0 and r["p50"] <= r["p99"] <= r["max"]
         assert r["server_inference_ms"] > 0 and r["peak_rss_mb"] > 0
-    assert levels["1"]["mean_batch_size"] == 1.0
+    for r in run["native"].values():  # wrk: one prebuilt multipart body, every answer a 200
+        assert r["client"] == "wrk" and r["requests"] > 0 and r["errors"] == 0 and r["p50"] <= r["p99"] <= r["max"]
+    assert run["python"]["1"]["mean_batch_size"] == 1.0
     assert result["baselines"][variant]["batch1_ms"] > 0 and result["baselines"]["torch"]["by_batch"]
     assert result["soak"]["requests"] == 300 and result["soak"]["errors"] == 0
-    assert any(t["what"].startswith(f"{variant}: service p50 at c=1") for t in result["targets"])
+    assert any(t["what"].startswith(f"{variant} (aim): service overhead at c=1") for t in result["targets"])
     page = (tmp_path / "bench.md").read_text()
-    assert "| 4 |" in page and "in-process baselines" in page and "soak: 300 requests, 0 errors" in page
+    assert "| 4 | wrk |" in page and "| 4 | python |" in page and "in-process baselines" in page
+    assert "soak: 300 requests, 0 errors" in page
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def test_past_the_bound_503_with_retry_after_below_it_all_200(served_model):
+    """NIN_MAX_QUEUE=4: 24 requests at once get 200 or an immediate 503 with Retry-After and a
+    JSON body, counted in a metric; 4 at once all get 200."""
+    import asyncio
+
+    port = free_port()
+    proc = start(served_model, port, {"NIN_MAX_QUEUE": "4"})
+    url = f"http://127.0.0.1:{port}"
+    png = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224), dtype=np.uint8)))
+
+    async def burst(n):
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=n)) as c:
+            return await asyncio.gather(*(c.post("/classify", files={"image": ("x.png", png, "image/png")}) for _ in range(n)))
+
+    try:
+        wait_ready(url, proc)
+        assert httpx.get(f"{url}/model", timeout=10).json()["limits"]["max_queue"] == 4
+        for _ in range(3):
+            assert all(r.status_code == 200 for r in asyncio.run(burst(4)))
+        answers = asyncio.run(burst(24))
+        codes = sorted({r.status_code for r in answers})
+        refused = [r for r in answers if r.status_code == 503]
+        assert set(codes) <= {200, 503} and refused and 200 in codes, codes
+        for r in refused:
+            assert r.json()["error"] == "overloaded" and int(r.headers["Retry-After"]) >= 1
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        line = next(m for m in metrics.splitlines() if m.startswith("nin_overload_rejections_total"))
+        assert float(line.split()[-1]) == len(refused)
+    finally:
+        stop_server(proc)
+
+
+def test_the_benchmark_reference_server_gives_the_service_s_answer(server, served_model):
+    """bench/reference.py (the hand-written FastAPI server the benchmark compares against)
+    serves the same model with the same preprocessing: same class, same probabilities."""
+    from bench.servers import start_reference
+
+    port = free_port()
+    proc = start_reference(served_model, "int8", port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        for seed in range(3):
+            png = png_bytes(Image.fromarray(np.random.default_rng(seed).integers(0, 256, (224, 224), dtype=np.uint8)))
+            ref = httpx.post(f"{url}/classify", files={"image": ("x.png", png, "image/png")}, timeout=30).json()
+            svc = httpx.post(f"{server}/classify", files={"image": ("x.png", png, "image/png")}, timeout=30).json()
+            assert ref["label"] == svc["label"]
+            np.testing.assert_allclose([t["probability"] for t in ref["top_k"]],
+                                       [t["probability"] for t in svc["top_k"]], atol=1e-5)
+    finally:
+        stop_server(proc)

@@ -8,7 +8,8 @@ import httpx
 import numpy as np
 import pytest
 
-from serving.bench import free_port, real_test_pngs, start_server, stop_server, wait_ready
+from bench.images import real_test_pngs
+from bench.servers import free_port, start_server, stop_server, wait_ready
 from tests.conftest import REAL_DATA
 
 ROOT = Path(__file__).resolve().parents[1]

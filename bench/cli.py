@@ -1,0 +1,132 @@
+"""`python -m bench`: the service and the reference server, both clients, in-process baselines."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import httpx
+
+from bench.baselines import ort_baseline, torch_baseline
+from bench.images import real_test_pngs
+from bench.load import have_wrk, load_level, soak, wrk_level
+from bench.report import markdown, plot, targets
+from bench.servers import ROOT, Server
+from serving import imaging
+from serving.model_files import VARIANT_FILES
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Benchmark the service beside a hand-written FastAPI server and in-process onnxruntime.")
+    p.add_argument("--url", default=None, help="measure this running service only (default: start the servers)")
+    p.add_argument("--model", default=str(ROOT / "models" / "nin-fashion-mnist"), help="exported model folder (default: the shipped one)")
+    p.add_argument("--variants", default="int8,fp32", help="variants to serve (default: int8,fp32)")
+    p.add_argument("--servers", default="service,reference", help="service, reference or both (default: both)")
+    p.add_argument("--python-concurrency", default="1,16,64,256",
+                   help="levels for the Python client, which also checks the server's figures (default: 1,16,64,256)")
+    p.add_argument("--native-concurrency", default="1,16,64,256", help="levels for wrk (default: 1,16,64,256; '' = none)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per level (default: 10)")
+    p.add_argument("--images", type=int, default=500, help="real test images cycled through (default: 500)")
+    p.add_argument("--soak", type=int, default=0, help="requests of the soak run on the first service variant (default: 0 = none)")
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                   help="execution provider of the in-process baselines (default: cpu; cuda on a GPU machine)")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (default: search)")
+    p.add_argument("--out", default="bench/latest", help="folder for bench.md, bench.json, bench.png (default: bench/latest)")
+    return p
+
+
+def _levels(text: str) -> list[int]:
+    levels = [int(c) for c in text.split(",") if c.strip()]
+    if any(c < 1 for c in levels):
+        raise ValueError
+    return levels
+
+
+def measure(server_url: str, pngs: list[bytes], python_levels: list[int], native_levels: list[int], duration: float) -> dict:
+    out: dict = {"python": {}, "native": {}}
+    asyncio.run(load_level(server_url, pngs, 1, 2.0, None))  # warm-up: connections, first requests
+    for c in python_levels:
+        print(f"  python client, concurrency {c} for {duration:g} s ...", flush=True)
+        out["python"][str(c)] = asyncio.run(load_level(server_url, pngs, c, duration, None))
+        print("   ", {k: out["python"][str(c)][k] for k in ("throughput_img_s", "p50", "p99", "errors")}, flush=True)
+    for c in native_levels:
+        print(f"  wrk, concurrency {c} for {duration:g} s ...", flush=True)
+        out["native"][str(c)] = wrk_level(server_url, pngs[0], c, duration)
+        print("   ", {k: out["native"][str(c)][k] for k in ("throughput_img_s", "p50", "p99", "errors")}, flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        python_levels, native_levels = _levels(args.python_concurrency), _levels(args.native_concurrency)
+        kinds = [k for k in args.servers.split(",") if k]
+        if args.duration <= 0 or args.images < 1 or not set(kinds) <= {"service", "reference"}:
+            raise ValueError
+    except ValueError:
+        print("error: concurrency levels must be positive integers like 1,16; --duration and --images positive; "
+              "--servers service and/or reference", file=sys.stderr)
+        return 2
+    if native_levels and not have_wrk():
+        print("error: wrk is not installed (apt-get install wrk), or pass --native-concurrency ''", file=sys.stderr)
+        return 2
+    folder = Path(args.model)
+    if not (folder / "card.json").is_file():
+        print(f"error: no exported model in {folder} (card.json missing)", file=sys.stderr)
+        return 2
+    import torch
+
+    from training.runtime import hardware_name
+
+    pngs, _ = real_test_pngs(args.images, args.data_dir)
+    card = json.loads((folder / "card.json").read_text())
+    contract = card["input_contract"]
+    x = imaging.normalize([imaging.to_contract(p, contract, 10**8).image for p in pngs[:64]], contract)
+    hardware = hardware_name(torch.device("cpu"))
+    if args.provider == "cuda":
+        hardware = f"{hardware_name(torch.device('cuda'))} + {hardware}"
+    result = {"hardware": hardware, "images": len(pngs), "duration_s": args.duration, "runs": {}, "baselines": {}}
+    if args.url:
+        info = httpx.get(f"{args.url}/model", timeout=10).json()
+        variants, kinds = [info["variant"]], ["service"]
+    else:
+        variants = args.variants.split(",")
+    for v in variants:
+        if v in VARIANT_FILES and (folder / VARIANT_FILES[v]).is_file():
+            print(f"baseline: onnxruntime {v} in-process ...", flush=True)
+            result["baselines"][v] = ort_baseline(folder / VARIANT_FILES[v], x, provider=args.provider,
+                                                  batches=(1, 8, 16, 32, 64) + ((128, 256) if args.provider == "cuda" else ()))
+    print("baseline: PyTorch eager ...", flush=True)
+    result["baselines"]["torch"] = torch_baseline(folder, x)
+
+    for v in variants:
+        for kind in kinds:
+            server = None if args.url else Server(kind, str(folder), v)
+            url = args.url or server.url
+            try:
+                print(f"{kind} {v}:", flush=True)
+                run = {"kind": kind, "variant": v, "provider": "CPUExecutionProvider"}
+                if kind == "service":
+                    info = httpx.get(f"{url}/model", timeout=10).json()
+                    run["provider"] = info["provider"]
+                    run["latency_budget_ms"] = info.get("limits", {}).get("latency_budget_ms")
+                run.update(measure(url, pngs, python_levels, native_levels, args.duration))
+                result["runs"][f"{kind}-{v}"] = run
+                if args.soak and kind == "service" and v == variants[0]:
+                    print(f"soak: {args.soak:,} requests ...", flush=True)
+                    pid = server.worker_pid() if server else httpx.get(f"{url}/model", timeout=10).json()["pid"]
+                    result["soak"] = asyncio.run(soak(url, pngs, args.soak, 16, pid))
+            finally:
+                if server:
+                    server.close()
+    result["targets"] = targets(result)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    (out / "bench.md").write_text(markdown(result))
+    plot(result, out)
+    print(markdown(result))
+    return 0

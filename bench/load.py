@@ -1,0 +1,202 @@
+"""Load generators: a Python client (httpx + asyncio, every answer parsed, the server's own
+timing figures collected) and a native one (wrk, one prebuilt multipart body), so the Python
+client's own CPU (about a third of a core at c=16 on 2 cores) does not hide the server's cost.
+
+Both are closed loops: N connections, each sending the next request when the last answer came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from bench.images import multipart_body
+from serving.procfs import read_status_kb
+
+
+def error_kind(response: httpx.Response | None, exc: Exception | None = None) -> str:
+    """One short line per failed request, so a report says what failed, not only how often."""
+    if exc is not None:
+        message = str(exc)[:80]
+        return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return f"HTTP {response.status_code}: {response.text[:80]}"
+
+
+async def classify(client: httpx.AsyncClient, png: bytes, errors: Counter) -> httpx.Response | None:
+    """POST one PNG to /classify as multipart field `image` (what `curl -F image=@x.png` sends):
+    the 200 response, or None with the failure counted by kind."""
+    try:
+        r = await client.post("/classify", files={"image": ("image.png", png, "image/png")})
+    except httpx.HTTPError as e:
+        errors[error_kind(None, e)] += 1
+        return None
+    if r.status_code != 200:
+        errors[error_kind(r)] += 1
+        return None
+    return r
+
+
+def summarize(latencies_ms: list[float], errors: Counter, seconds: float, server: list[dict]) -> dict:
+    """Percentiles over the answered (200) requests; failures counted by kind beside them."""
+    lat = np.asarray(latencies_ms) if latencies_ms else np.zeros(1)
+    pct = {f"p{p}": round(float(np.percentile(lat, p)), 2) for p in (50, 90, 95, 99)}
+    timed = [s for s in server if "timing_ms" in s]  # the reference server reports no timings
+    mean = lambda key: round(float(np.mean([s["timing_ms"][key] for s in timed])), 3) if timed else None  # noqa: E731
+    rejected = sum(n for kind, n in errors.items() if kind.startswith("HTTP 503"))
+    total = len(latencies_ms) + sum(errors.values())
+    return {
+        "requests": len(latencies_ms), "errors": sum(errors.values()), "error_kinds": dict(errors),
+        "rejected_503": rejected, "rejected_share": round(rejected / total, 4) if total else 0.0,
+        "seconds": round(seconds, 2),
+        "throughput_img_s": round(len(latencies_ms) / seconds, 1) if seconds else 0.0,
+        **pct, "max": round(float(lat.max()), 2),
+        "server_queue_ms": mean("queue"), "server_inference_ms": mean("inference"), "server_total_ms": mean("total"),
+        "mean_batch_size": round(float(np.mean([s["batch_size"] for s in timed])), 2) if timed else None,
+        "peak_rss_mb": max((s["memory"]["peak_rss_mb"] for s in timed), default=None),
+        "gpu_mb": max((s["memory"]["gpu_mb"] for s in timed if s["memory"].get("gpu_mb") is not None), default=None),
+    }
+
+
+async def load_level(url: str, pngs: list[bytes], concurrency: int, duration: float | None, count: int | None) -> dict:
+    """`concurrency` clients, each sending the next image as soon as the last answer came, for
+    `duration` seconds or `count` requests in all."""
+    latencies, server, errors = [], [], Counter()
+    sent = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        start, cpu0 = time.perf_counter(), time.process_time()
+        stop_at = start + duration if duration else None
+
+        async def worker() -> None:
+            nonlocal sent
+            while True:
+                if (stop_at and time.perf_counter() >= stop_at) or (count is not None and sent >= count):
+                    return
+                png = pngs[sent % len(pngs)]
+                sent += 1
+                t = time.perf_counter()
+                r = await classify(client, png, errors)
+                if r is not None:
+                    latencies.append((time.perf_counter() - t) * 1000)
+                    server.append(r.json())
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+        client_cores = (time.process_time() - cpu0) / seconds
+    return {**summarize(latencies, errors, seconds, server), "client": "python", "client_cpu_cores": round(client_cores, 2)}
+
+
+def rss_mb(pid: int) -> float:
+    kb = read_status_kb("VmRSS", pid)
+    if kb is None:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    return kb / 1024
+
+
+async def soak(url: str, pngs: list[bytes], requests: int, concurrency: int, pid: int, warmup: int = 500) -> dict:
+    """`requests` requests; the worker's RSS sampled every 250; growth measured after `warmup`."""
+    samples, done, errors = [], 0, Counter()
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        async def worker() -> None:
+            nonlocal done
+            while done < requests:
+                png = pngs[done % len(pngs)]
+                done += 1
+                if done % 250 == 0:
+                    samples.append((done, round(rss_mb(pid), 1)))
+                await classify(client, png, errors)
+
+        t = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - t
+    after = [rss for n, rss in samples if n >= warmup] or [samples[-1][1]]
+    return {"requests": requests, "errors": sum(errors.values()), "error_kinds": dict(errors),
+            "seconds": round(seconds, 1), "rss_samples": samples,
+            "rss_after_warmup_mb": after[0], "rss_end_mb": after[-1], "rss_max_mb": max(after),
+            "rss_growth_mb": round(max(after) - after[0], 1)}
+
+
+# ---- native client ------------------------------------------------------------------------
+
+WRK_SCRIPT = r"""
+wrk.method = "POST"
+local f = assert(io.open(os.getenv("NIN_BENCH_BODY"), "rb"))
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = os.getenv("NIN_BENCH_CTYPE")
+statuses = {}
+response = function(status, headers, body)
+  statuses[status] = (statuses[status] or 0) + 1
+end
+-- each wrk thread has its own Lua state; done() runs in the main one and reads theirs
+local threads = {}
+setup = function(thread) threads[#threads + 1] = thread end
+done = function(summary, latency, requests)
+  local total = {}
+  for _, t in ipairs(threads) do
+    for k, v in pairs(t:get("statuses")) do total[k] = (total[k] or 0) + v end
+  end
+  local s = {}
+  for k, v in pairs(total) do s[#s + 1] = string.format('"%d": %d', k, v) end
+  io.write(string.format('NIN_WRK {"requests": %d, "duration_us": %d, "connect": %d, "read": %d, "write": %d, '
+    .. '"status": %d, "timeout": %d, "p50": %.3f, "p90": %.3f, "p95": %.3f, "p99": %.3f, "max": %.3f, "mean": %.3f}\n',
+    summary.requests, summary.duration, summary.errors.connect, summary.errors.read, summary.errors.write,
+    summary.errors.status, summary.errors.timeout, latency:percentile(50) / 1000, latency:percentile(90) / 1000,
+    latency:percentile(95) / 1000, latency:percentile(99) / 1000, latency.max / 1000, latency.mean / 1000))
+  io.write("NIN_WRK_STATUS {" .. table.concat(s, ", ") .. "}\n")
+end
+"""
+
+
+def have_wrk() -> bool:
+    return shutil.which("wrk") is not None
+
+
+def wrk_level(url: str, png: bytes, concurrency: int, duration: float, timeout_s: float = 10.0) -> dict:
+    """wrk (one thread, `concurrency` keep-alive connections) posting one prebuilt multipart
+    body to /classify for `duration` seconds. Latencies are over every answer, 503s included;
+    the share of 503s is reported beside them."""
+    if not have_wrk():
+        raise RuntimeError("wrk is not installed (apt-get install wrk)")
+    body, ctype = multipart_body(png)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "body").write_bytes(body)
+        (Path(tmp) / "post.lua").write_text(WRK_SCRIPT)
+        cmd = ["wrk", "-t", "1", "-c", str(concurrency), "-d", f"{duration:g}s", "--timeout", f"{timeout_s:g}s",
+               "-s", str(Path(tmp) / "post.lua"), f"{url}/classify"]
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60,
+                           env={**os.environ, "NIN_BENCH_BODY": str(Path(tmp) / "body"), "NIN_BENCH_CTYPE": ctype})
+    lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in r.stdout.splitlines() if line.startswith("NIN_WRK")}
+    if r.returncode != 0 or "NIN_WRK" not in lines:
+        raise RuntimeError(f"wrk failed ({r.returncode}): {(r.stdout + r.stderr)[-500:]}")
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    w, statuses = json.loads(lines["NIN_WRK"]), json.loads(lines["NIN_WRK_STATUS"])
+    seconds = w["duration_us"] / 1e6
+    client_cores = (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / seconds
+    ok = statuses.get("200", 0)
+    rejected = statuses.get("503", 0)
+    socket_errors = w["connect"] + w["read"] + w["write"] + w["timeout"]
+    other = w["requests"] - ok - rejected
+    errors = {**({"HTTP 503": rejected} if rejected else {}),
+              **{f"HTTP {k}": v for k, v in statuses.items() if k not in ("200", "503")},
+              **({"socket errors": socket_errors} if socket_errors else {})}
+    return {
+        "client": "wrk", "requests": ok, "errors": other + rejected + socket_errors,
+        "error_kinds": errors, "rejected_503": rejected,
+        "rejected_share": round(rejected / w["requests"], 4) if w["requests"] else 0.0,
+        "seconds": round(seconds, 2), "throughput_img_s": round(ok / seconds, 1),
+        **{k: round(w[k], 2) for k in ("p50", "p90", "p95", "p99", "max", "mean")},
+        "latency_over": "all answers", "client_cpu_cores": round(client_cores, 2),
+    }

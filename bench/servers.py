@@ -1,0 +1,109 @@
+"""Servers under test, each in its own process group on a free port of 127.0.0.1: `bentoml serve`
+(the service) and uvicorn with bench/reference.py (what a user would write instead)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 180) -> None:
+    """Poll URL/readyz until it answers 200; fail early if `proc` exits."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}\n{server_output(proc)}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not ready after {timeout:g} s")
+
+
+def _spawn(cmd: list[str], env: dict, quiet: bool) -> subprocess.Popen:
+    """Output to an unnamed temporary file (`proc.log`), never to a pipe: a pipe nobody reads
+    fills up with access-log lines after a few hundred requests and then blocks the server."""
+    log = None if quiet else tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log or subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def start_server(model: str | Path, port: int, env: dict | None = None, quiet: bool = False) -> subprocess.Popen:
+    """`bentoml serve` from the repository root (`python -m bentoml`: also where bentoml travels
+    as wheels without its script)."""
+    return _spawn([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                  {"NIN_MODEL": str(model), **(env or {})}, quiet)
+
+
+def start_reference(model: str | Path, variant: str, port: int, quiet: bool = False) -> subprocess.Popen:
+    """bench/reference.py under uvicorn, one worker, uvicorn's defaults."""
+    return _spawn([sys.executable, "-m", "uvicorn", "bench.reference:app", "--host", "127.0.0.1", "--port", str(port),
+                   "--log-level", "warning"], {"NIN_REF_MODEL": str(model), "NIN_REF_VARIANT": variant}, quiet)
+
+
+def server_output(proc: subprocess.Popen, tail: int = 3000) -> str:
+    log = getattr(proc, "log", None)
+    if log is None:
+        return ""
+    log.seek(0)
+    return log.read()[-tail:]
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    if getattr(proc, "log", None) is not None:
+        proc.log.close()
+
+
+class Server:
+    """A server for one model variant, ready on return: kind `service` or `reference`."""
+
+    def __init__(self, kind: str, model: str, variant: str, env: dict | None = None) -> None:
+        self.kind, self.variant = kind, variant
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        if kind == "service":
+            self.proc = start_server(model, self.port, {"NIN_VARIANT": variant, **(env or {})}, quiet=True)
+        else:
+            self.proc = start_reference(model, variant, self.port, quiet=True)
+        try:
+            wait_ready(self.url, self.proc)
+        except Exception:
+            self.close()
+            raise
+
+    def worker_pid(self) -> int:
+        """The process that runs the model (the service's worker, or uvicorn itself)."""
+        if self.kind == "service":
+            return httpx.get(f"{self.url}/model", timeout=10).json()["pid"]
+        return self.proc.pid
+
+    def close(self) -> None:
+        stop_server(self.proc)

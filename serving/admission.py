@@ -1,0 +1,47 @@
+"""Admission control: a bound on the images in the service (admitted and not yet answered).
+
+Under sustained overload an unbounded queue makes every request wait longer and says nothing.
+With the bound, a request that would push the service past it is refused at once with 503,
+`Retry-After` and a JSON body; the ones admitted are answered within the latency budget. The
+default bound comes from the measured time of a full batch: as many full batches as fit in
+80 % of the budget (the rest is left for HTTP, decoding and the batch already running).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def bound_from_budget(budget_ms: float, full_batch_ms: float, max_batch_size: int) -> int:
+    """Images that can wait and still be answered within `budget_ms`: whole batches of
+    `max_batch_size` taking `full_batch_ms` each, in 80 % of the budget; at least one batch."""
+    if budget_ms <= 0 or full_batch_ms <= 0 or max_batch_size < 1:
+        raise ValueError(f"bad bound inputs: budget {budget_ms} ms, batch {full_batch_ms} ms, size {max_batch_size}")
+    return max(1, math.floor(0.8 * budget_ms / full_batch_ms)) * max_batch_size
+
+
+class Admission:
+    """Counts images in the service; `try_enter(n)` admits them unless that passes `limit`.
+
+    Used from the event loop only (no lock needed). `limit` None admits everything (before the
+    warm-up has measured a batch)."""
+
+    def __init__(self, limit: int | None = None, full_batch_ms: float = 0.0, max_batch_size: int = 1) -> None:
+        self.limit, self.full_batch_ms, self.max_batch_size = limit, full_batch_ms, max_batch_size
+        self.in_system = 0
+        self.refused = 0
+
+    def try_enter(self, n: int) -> bool:
+        if self.limit is not None and self.in_system + n > self.limit:
+            self.refused += 1
+            return False
+        self.in_system += n
+        return True
+
+    def leave(self, n: int) -> None:
+        self.in_system -= n
+
+    def retry_after_s(self) -> int:
+        """Whole seconds until the images now in the service are likely done (at least 1)."""
+        batches = math.ceil(self.in_system / self.max_batch_size)
+        return max(1, math.ceil(batches * self.full_batch_ms / 1000))
