@@ -33,10 +33,14 @@ class Settings:
     variant: str = "auto"  # auto | fp32 | int8 | fp16
     max_batch_size: int = 16
     max_wait_ms: float = 0.0
-    threads: int = 0  # onnxruntime intra-op threads; 0 = one per core
-    # onnxruntime's idle threads spin by default; on 2 shared cores that steals the CPU the
-    # HTTP side needs: measured here, off gave c=1 p50 14.1 vs 20.8 ms and c=16 80 vs 68 img/s.
-    spinning: bool = False
+    threads: int = 0  # intra-op threads of the latency lane's session; 0 = one per core
+    # Whether the latency lane's idle intra-op threads spin (onnxruntime's default) or sleep.
+    # It runs only when nothing else does (serving/batching.py), so spinning costs the HTTP side
+    # little there, and sleeping threads pay a wake-up per layer on this VM.
+    spinning: bool = True
+    # Throughput lanes: single-threaded sessions that run batches side by side under load;
+    # -1 = one per core on the CPU (none with one core, none on a GPU), 0 = off.
+    lanes: int = -1
     max_bytes: int = 10 * 2**20
     max_pixels: int = 4096 * 4096
     max_batch_images: int = 64
@@ -54,13 +58,15 @@ class Settings:
                 require_gpu=e("NIN_REQUIRE_GPU", "0").lower() in ("1", "true", "yes"),
                 variant=e("NIN_VARIANT", "auto"), max_batch_size=int(e("NIN_MAX_BATCH_SIZE", "16")),
                 max_wait_ms=float(e("NIN_MAX_WAIT_MS", "0")), threads=int(e("NIN_THREADS", "0")),
-                spinning=e("NIN_ORT_SPINNING", "0").lower() in ("1", "true", "yes"),
+                spinning=e("NIN_ORT_SPINNING", "1").lower() in ("1", "true", "yes"), lanes=int(e("NIN_LANES", "-1")),
                 max_bytes=int(e("NIN_MAX_BYTES", str(10 * 2**20))), max_pixels=int(e("NIN_MAX_PIXELS", str(4096 * 4096))),
                 max_batch_images=int(e("NIN_MAX_BATCH_IMAGES", "64")),
                 latency_budget_ms=float(e("NIN_LATENCY_BUDGET_MS", "500")), max_queue=int(e("NIN_MAX_QUEUE", "0")),
             )
         except ValueError as err:
             raise ModelLoadError(f"bad NIN_* setting: {err}") from None
+        if settings.lanes < -1:
+            raise ModelLoadError(f"NIN_LANES must be -1 (auto), 0 (off) or a count, got {settings.lanes}")
         if settings.latency_budget_ms <= 0 or settings.max_queue < 0:
             raise ModelLoadError(f"NIN_LATENCY_BUDGET_MS must be > 0 and NIN_MAX_QUEUE >= 0, got "
                                  f"{settings.latency_budget_ms} and {settings.max_queue}")
@@ -158,6 +164,8 @@ class Engine:
         self.class_names = self.card["class_names"]
         self.session, self.provider = self._open_session()
         self.input_name = self.session.get_inputs()[0].name
+        self.lane_sessions = self._open_lanes()
+        self._rss_lock, self._running = threading.Lock(), 0
         self.gpu = self._gpu_probe()
         self.ready = threading.Event()
         self.warmup_ms: dict[int, float] = {}
@@ -191,14 +199,16 @@ class Engine:
             session, active = self._session(False)
         return session, active
 
-    def _session(self, cuda: bool) -> tuple[ort.InferenceSession, str]:
-        self.variant = self._choose_variant(cuda)
+    def _session(self, cuda: bool, threads: int | None = None) -> tuple[ort.InferenceSession, str]:
+        if threads is None:  # the latency lane's (or the GPU's) session; lanes reuse its variant
+            self.variant = self._choose_variant(cuda)
         path = model_files.verified_file(self.folder, self.card, self.variant)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.settings.threads:
-            opts.intra_op_num_threads = self.settings.threads
+        threads = self.settings.threads if threads is None else threads
+        if threads:
+            opts.intra_op_num_threads = threads
         if not self.settings.spinning:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ([("CUDAExecutionProvider", CUDA_OPTIONS)] if cuda else []) + ["CPUExecutionProvider"]
@@ -207,6 +217,17 @@ class Engine:
         except Exception as e:
             raise ModelLoadError(f"onnxruntime cannot load {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
         return session, session.get_providers()[0]
+
+    def _open_lanes(self) -> list[ort.InferenceSession]:
+        """Single-threaded sessions for the throughput lanes (CPU only)."""
+        n = self.settings.lanes
+        if self.provider != "CPUExecutionProvider" or n == 0:
+            return []
+        if n == -1:
+            n = os.cpu_count() or 1
+            if n < 2:
+                return []
+        return [self._session(False, threads=1)[0] for _ in range(n)]
 
     def _choose_variant(self, cuda: bool) -> str:
         have = model_files.available_variants(self.card)
@@ -239,6 +260,8 @@ class Engine:
             t = time.perf_counter()
             self.session.run(None, {self.input_name: x[:b]})
             self.warmup_ms[b] = round((time.perf_counter() - t) * 1000, 2)
+            for lane in self.lane_sessions:
+                lane.run(None, {self.input_name: x[:b]})
         full = []
         for _ in range(3):
             t = time.perf_counter()
@@ -246,7 +269,8 @@ class Engine:
             full.append((time.perf_counter() - t) * 1000)
         self.full_batch_ms = round(sorted(full)[1], 2)
         self.ready.set()
-        log.info("warm-up done for batch sizes 1..%d", self.settings.max_batch_size)
+        log.info("warm-up done for batch sizes 1..%d on %d session(s)", self.settings.max_batch_size,
+                 1 + len(self.lane_sessions))
 
     def queue_bound(self) -> int | None:
         """Images the service admits at once: NIN_MAX_QUEUE, or derived once warm-up has timed a batch."""
@@ -256,11 +280,21 @@ class Engine:
             return None
         return bound_from_budget(self.settings.latency_budget_ms, self.full_batch_ms, self.settings.max_batch_size)
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, dict]:
-        """Logits for a batch, with the process's peak RSS over the run (and GPU memory)."""
-        reset_peak_rss()
-        logits = self.session.run(None, {self.input_name: x})[0]
-        info = {"peak_rss_mb": round((read_status_kb("VmHWM") or 0) / 1024, 1)}
+    def run(self, x: np.ndarray, lane: int | None = None) -> tuple[np.ndarray, dict]:
+        """Logits for a batch on the latency lane (None) or throughput lane `lane`, with the
+        process's peak RSS over the run: reset when no other batch is running, so with lanes
+        side by side it is the peak since the first of them started (never an undercount)."""
+        with self._rss_lock:
+            if self._running == 0:
+                reset_peak_rss()
+            self._running += 1
+        try:
+            session = self.session if lane is None else self.lane_sessions[lane]
+            logits = session.run(None, {self.input_name: x})[0]
+        finally:
+            with self._rss_lock:
+                self._running -= 1
+        info = {"peak_rss_mb": round((read_status_kb("VmHWM") or 0) / 1024, 1), "lane": "latency" if lane is None else lane}
         if self.gpu is not None:
             info["gpu_mb"] = self.gpu.used_mb()  # the sampler's latest figure: no NVML call here
         return logits, info
@@ -276,7 +310,9 @@ class Engine:
             "gpu_memory_mb": {"used": self.gpu.used_mb(), "peak": self.gpu.peak_mb()} if self.gpu else None,
             "input_contract": self.contract,
             "class_names": self.class_names,
-            "batching": {"max_batch_size": self.settings.max_batch_size, "max_wait_ms": self.settings.max_wait_ms},
+            "batching": {"max_batch_size": self.settings.max_batch_size, "max_wait_ms": self.settings.max_wait_ms,
+                         "throughput_lanes": len(self.lane_sessions), "latency_lane_threads": self.settings.threads or os.cpu_count(),
+                         "latency_lane_spinning": self.settings.spinning},
             "limits": {"max_bytes": self.settings.max_bytes, "max_pixels": self.settings.max_pixels,
                        "max_batch_images": self.settings.max_batch_images,
                        "latency_budget_ms": self.settings.latency_budget_ms, "max_queue": self.queue_bound(),

@@ -54,15 +54,16 @@ state = State()
 def attach(engine: Engine) -> None:
     state.engine = engine
 
-    def run(x):
+    def run(x, lane):
         t = time.perf_counter()
-        logits, info = engine.run(x)
+        logits, info = engine.run(x, lane)
         INFERENCE.labels(engine.variant).observe(time.perf_counter() - t)
         BATCH.observe(len(x))
         PEAK_RSS.set(info["peak_rss_mb"] * 2**20)
         return logits, info
 
-    state.batcher = MicroBatcher(run, engine.settings.max_batch_size, engine.settings.max_wait_ms)
+    state.batcher = MicroBatcher(run, engine.settings.max_batch_size, engine.settings.max_wait_ms,
+                                 lanes=len(engine.lane_sessions))
     state.admission = Admission(max_batch_size=engine.settings.max_batch_size)
 
 

@@ -157,3 +157,17 @@ def test_readyz_waits_for_warm_up(client):
         time.sleep(0.05)
     assert client.get("/readyz").status_code == 200
     assert client.post("/classify", content=image_png(), headers={"Content-Type": "image/png"}).status_code == 200
+
+
+def test_throughput_lanes_give_the_latency_lane_s_logits(served_model):
+    """Single-threaded lane sessions serve the same file: same logits as the latency lane; on
+    one core or with NIN_LANES=0 there are none."""
+    engine = Engine(Settings(model=str(served_model), max_batch_size=2, lanes=2))
+    assert len(engine.lane_sessions) == 2 and engine.describe()["batching"]["throughput_lanes"] == 2
+    x = imaging.normalize([imaging.to_contract(image_png(s), engine.contract, 10**8).image for s in range(2)], engine.contract)
+    fast, info = engine.run(x)
+    for lane in (0, 1):
+        logits, lane_info = engine.run(x, lane)
+        np.testing.assert_allclose(logits, fast, rtol=1e-5, atol=1e-5)
+        assert lane_info["lane"] == lane and info["lane"] == "latency"
+    assert Engine(Settings(model=str(served_model), lanes=0)).lane_sessions == []

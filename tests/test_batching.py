@@ -1,0 +1,92 @@
+"""The micro-batcher with a stand-in model: which lane runs what, batch sizes, no overlap."""
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serving.batching import MicroBatcher
+
+
+class FakeModel:
+    """Sleeps `ms` per batch; records (lane, batch size, start, end) and checks that the latency
+    lane never runs beside a throughput lane."""
+
+    def __init__(self, ms: float = 20) -> None:
+        self.ms, self.runs, self.lock, self.active = ms, [], threading.Lock(), []
+
+    def __call__(self, x, lane):
+        with self.lock:
+            assert lane is None and not self.active or lane is not None and None not in self.active, (lane, self.active)
+            self.active.append(lane)
+        t = time.perf_counter()
+        time.sleep(self.ms / 1000)
+        with self.lock:
+            self.active.remove(lane)
+            self.runs.append((lane, len(x), t, time.perf_counter()))
+        return x[:, 0, 0, :2].copy(), {"lane": lane}
+
+
+def run_clients(batcher, n_clients: int, per_client: int) -> list:
+    async def client(i):
+        out = []
+        for j in range(per_client):
+            x = np.full((1, 1, 2, 2), i * 100 + j, np.float32)
+            r = await batcher.submit(x)
+            assert r.logits[0, 0] == i * 100 + j  # every request gets its own row back
+            out.append(r)
+        return out
+
+    async def main():
+        return await asyncio.gather(*(client(i) for i in range(n_clients)))
+
+    return [r for rs in asyncio.run(main()) for r in rs]
+
+
+def test_a_lone_request_takes_the_latency_lane():
+    model = FakeModel()
+    results = run_clients(MicroBatcher(model, 16, 0, lanes=2), 1, 5)
+    assert [lane for lane, *_ in model.runs] == [None] * 5 and all(r.batch_size == 1 for r in results)
+
+
+def test_overlapping_requests_go_to_the_throughput_lanes_side_by_side():
+    model = FakeModel()
+    results = run_clients(MicroBatcher(model, 8, 0, lanes=2), 16, 6)
+    lanes = [lane for lane, *_ in model.runs]
+    assert {0, 1} <= set(lanes) and lanes.count(None) < len(lanes) / 4
+    assert max(n for _, n, *_ in model.runs) <= 8 and len(results) == 96
+    lane_runs = sorted((s, e) for lane, _, s, e in model.runs if lane is not None)
+    assert any(s2 < e1 for (s1, e1), (s2, e2) in zip(lane_runs, lane_runs[1:]))  # some ran at once
+
+
+def test_without_lanes_every_batch_takes_the_one_lane_and_grows_with_load():
+    model = FakeModel()
+    run_clients(MicroBatcher(model, 16, 0, lanes=0), 12, 4)
+    assert {lane for lane, *_ in model.runs} == {None} and max(n for _, n, *_ in model.runs) > 4
+
+
+def test_an_error_reaches_every_waiter_and_the_batcher_keeps_serving():
+    calls = []
+
+    def flaky(x, lane):
+        calls.append(len(x))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return x[:, 0, 0, :2].copy(), {}
+
+    async def main():
+        b = MicroBatcher(flaky, 4, 0)
+        with pytest.raises(RuntimeError, match="boom"):
+            await b.submit(np.zeros((1, 1, 2, 2), np.float32))
+        return await b.submit(np.ones((1, 1, 2, 2), np.float32))
+
+    assert asyncio.run(main()).logits.shape == (1, 2)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError):
+        MicroBatcher(lambda x, lane: None, 0, 0)
+    with pytest.raises(ValueError):
+        MicroBatcher(lambda x, lane: None, 4, 0, lanes=-1)
