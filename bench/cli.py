@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -26,7 +27,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default="int8,fp32", help="variants to serve (default: int8,fp32)")
     p.add_argument("--servers", default="service,reference", help="service, reference or both (default: both)")
     p.add_argument("--python-concurrency", default="1,16,64,256",
-                   help="levels for the Python client, which also checks the server's figures (default: 1,16,64,256)")
+                   help="levels for the Python client, which also reads the server's figures (default: 1,16,64,256)")
     p.add_argument("--native-concurrency", default="1,16,64,256", help="levels for wrk (default: 1,16,64,256; '' = none)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per level (default: 10)")
     p.add_argument("--images", type=int, default=500, help="real test images cycled through (default: 500)")
@@ -45,14 +46,32 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
+def settle(server_url: str, timeout: float = 15.0) -> None:
+    """Wait until the work a level left behind is done, so the next level starts from an idle
+    service (the service's `nin_images_in_service` gauge; the reference has none: a pause)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = httpx.get(f"{server_url}/metrics", timeout=10)
+        line = [m for m in metrics.text.splitlines() if m.startswith("nin_images_in_service")] if metrics.status_code == 200 else []
+        if not line:
+            time.sleep(2.0)
+            return
+        if float(line[0].split()[-1]) == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{server_url} still busy {timeout:g} s after a level ended")
+
+
 def measure(server_url: str, pngs: list[bytes], python_levels: list[int], native_levels: list[int], duration: float) -> dict:
     out: dict = {"python": {}, "native": {}}
     asyncio.run(load_level(server_url, pngs, 1, 2.0, None))  # warm-up: connections, first requests
     for c in python_levels:
+        settle(server_url)
         print(f"  python client, concurrency {c} for {duration:g} s ...", flush=True)
         out["python"][str(c)] = asyncio.run(load_level(server_url, pngs, c, duration, None))
         print("   ", {k: out["python"][str(c)][k] for k in ("throughput_img_s", "p50", "p99", "errors")}, flush=True)
     for c in native_levels:
+        settle(server_url)
         print(f"  wrk, concurrency {c} for {duration:g} s ...", flush=True)
         out["native"][str(c)] = wrk_level(server_url, pngs[0], c, duration)
         print("   ", {k: out["native"][str(c)][k] for k in ("throughput_img_s", "p50", "p99", "errors")}, flush=True)
@@ -116,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 run.update(measure(url, pngs, python_levels, native_levels, args.duration))
                 result["runs"][f"{kind}-{v}"] = run
                 if args.soak and kind == "service" and v == variants[0]:
+                    settle(url)
                     print(f"soak: {args.soak:,} requests ...", flush=True)
                     pid = server.worker_pid() if server else httpx.get(f"{url}/model", timeout=10).json()["pid"]
                     result["soak"] = asyncio.run(soak(url, pngs, args.soak, 16, pid))

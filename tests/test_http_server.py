@@ -175,6 +175,8 @@ def test_past_the_bound_503_with_retry_after_below_it_all_200(served_model):
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         line = next(m for m in metrics.splitlines() if m.startswith("nin_overload_rejections_total"))
         assert float(line.split()[-1]) == len(refused)
+        queue = next(m for m in metrics.splitlines() if m.startswith("nin_images_in_service"))
+        assert float(queue.split()[-1]) == 0  # every admitted image left the count
     finally:
         stop_server(proc)
 
