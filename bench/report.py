@@ -98,6 +98,8 @@ def targets(result: dict) -> list[dict]:
 
 
 def plot(result: dict, out: Path) -> None:
+    """Left: p99 of answered requests (Python client: refusals apart); right: throughput (wrk,
+    else the Python client)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,19 +107,22 @@ def plot(result: dict, out: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for key, run in result["runs"].items():
-        levels = run.get("native") or run.get("python") or {}
-        if not levels:
-            continue
-        cs = [int(c) for c in levels]
         style = "-o" if run["kind"] == "service" else "--s"
-        a.plot(cs, [levels[str(c)]["p50"] for c in cs], style, label=f"{key} p50")
-        b.plot(cs, [levels[str(c)]["throughput_img_s"] for c in cs], style, label=key)
+        answered = run.get("python") or {}
+        if answered:
+            cs = [int(c) for c in answered]
+            a.plot(cs, [answered[str(c)]["p99"] for c in cs], style, label=key)
+        levels = run.get("native") or answered
+        if levels:
+            cs = [int(c) for c in levels]
+            b.plot(cs, [levels[str(c)]["throughput_img_s"] for c in cs], style, label=key)
     for v, base in result["baselines"].items():
         if base and v != "torch":
             b.axhline(base["best_img_s"], ls=":", color="grey")
             b.annotate(f"in-process {v} best", (1, base["best_img_s"]), fontsize=7, va="bottom")
-    client = "wrk" if any(run.get("native") for run in result["runs"].values()) else "python client"
-    a.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="latency p50 (ms)", title=f"latency ({client})")
+    client = "wrk" if any(run.get("native") for run in result["runs"].values()) else "Python client"
+    a.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="p99 of answered requests (ms)",
+          title="latency of admitted requests (Python client)")
     b.set(xscale="log", xlabel="concurrency", ylabel="images / s", title=f"throughput ({client})")
     for ax in (a, b):
         ax.grid(alpha=0.3)
