@@ -64,7 +64,7 @@ def card_markdown(card: dict) -> str:
     for i, run in enumerate(runs, 1):
         src = f" (from `{run['init_from']['path']}`, sha256 {run['init_from']['sha256'][:12]}…)" if run.get("init_from") else ""
         out += [f"{i}. on {run.get('hardware') or 'unknown hardware'}, {run['wall_time_s'] / 60:.0f} min{src}:", "",
-                f"   ```", f"   {run['command']}", "   ```", ""]
+                "   ```", f"   {run['command']}", "   ```", ""]
     out += ["| run | epoch | input px | train loss | train acc | test loss | test acc | img/s | min |",
             "|---|---|---|---|---|---|---|---|---|"]
     for i, run in enumerate(runs, 1):

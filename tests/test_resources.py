@@ -9,7 +9,7 @@ import torch
 from training import stats
 from training.config import NiNConfig
 from training.model import NiN
-from training.resources import layer_table, report, window_rule
+from training.resources import report, window_rule
 
 
 def test_window_rule_shows_the_floor_and_unvisited_edge():

@@ -7,10 +7,8 @@ import csv
 import io
 import json
 import logging
-import math
 import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
