@@ -25,8 +25,10 @@ def bound_from_budget(budget_ms: float, full_batch_ms: float, max_batch_size: in
 class Admission:
     """Counts images in the service; `try_enter(n)` admits them unless that passes `limit`.
 
-    Used from the event loop only (no lock needed). `limit` None admits everything (before the
-    warm-up has measured a batch)."""
+    An idle service admits any request, so a batch request larger than the bound (up to
+    NIN_MAX_BATCH_IMAGES) is served when it comes alone instead of never. Used from the event
+    loop only (no lock needed). `limit` None admits everything (before the warm-up has measured
+    a batch)."""
 
     def __init__(self, limit: int | None = None, full_batch_ms: float = 0.0, max_batch_size: int = 1) -> None:
         self.limit, self.full_batch_ms, self.max_batch_size = limit, full_batch_ms, max_batch_size
@@ -34,7 +36,7 @@ class Admission:
         self.refused = 0
 
     def try_enter(self, n: int) -> bool:
-        if self.limit is not None and self.in_system + n > self.limit:
+        if self.limit is not None and self.in_system and self.in_system + n > self.limit:
             self.refused += 1
             return False
         self.in_system += n

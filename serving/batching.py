@@ -63,6 +63,9 @@ class MicroBatcher:
         self.queued_images = 0  # submitted and not yet in a batch
         self.busy_lanes = 0
         self.lane_batch = math.ceil(max_batch_size / lanes) if lanes else max_batch_size
+        # one thread per lane, each kept for its lane's batches: no thread pool to queue behind,
+        # no context copy per batch (asyncio.to_thread copies every contextvar BentoML sets)
+        self._latency_thread = ThreadPoolExecutor(1, thread_name_prefix="latency-lane")
         self._lane_threads = [ThreadPoolExecutor(1, thread_name_prefix=f"lane-{i}", initializer=_lower_priority)
                               for i in range(lanes)]
 
@@ -141,10 +144,8 @@ class MicroBatcher:
         start = time.perf_counter()
         x = np.concatenate([x for x, _, _ in items])
         try:
-            if lane is None:
-                logits, info = await asyncio.to_thread(self.run, x, None)
-            else:
-                logits, info = await asyncio.get_running_loop().run_in_executor(self._lane_threads[lane], self.run, x, lane)
+            thread = self._latency_thread if lane is None else self._lane_threads[lane]
+            logits, info = await asyncio.get_running_loop().run_in_executor(thread, self.run, x, lane)
         except Exception as e:  # the error goes to every waiter; the loop keeps serving
             for _, _, fut in items:
                 if not fut.done():

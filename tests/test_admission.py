@@ -22,5 +22,9 @@ def test_admission_counts_refuses_past_the_limit_and_says_when_to_retry():
     assert a.retry_after_s() == 3
     a.leave(16)
     assert a.try_enter(16) and a.in_system == 32
+    big = Admission(limit=32, full_batch_ms=80, max_batch_size=16)
+    assert big.try_enter(50) and not big.try_enter(1)  # alone, a 50-image batch request is served
+    big.leave(50)
+    assert big.try_enter(1) and not big.try_enter(50)  # beside other work it waits its turn
     unbounded = Admission()  # before warm-up has timed a batch
     assert all(unbounded.try_enter(100) for _ in range(10))

@@ -177,6 +177,9 @@ def test_past_the_bound_503_with_retry_after_below_it_all_200(served_model):
         assert float(line.split()[-1]) == len(refused)
         queue = next(m for m in metrics.splitlines() if m.startswith("nin_images_in_service"))
         assert float(queue.split()[-1]) == 0  # every admitted image left the count
+        alone = httpx.post(f"{url}/classify_batch", files=[("images", (f"{i}.png", png, "image/png")) for i in range(10)],
+                           timeout=60)
+        assert alone.status_code == 200 and len(alone.json()["results"]) == 10  # over the bound, but alone
     finally:
         stop_server(proc)
 
