@@ -38,10 +38,20 @@ def test_missing_data_names_every_place_and_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "no-debian")
     monkeypatch.setenv(data.ENV_VAR, str(tmp_path / "no-env"))
     with pytest.raises(data.DataNotFoundError) as e:
-        data.find_data_root(tmp_path / "empty", allow_download=False)
+        data.find_data_root(None, allow_download=False)
     msg = str(e.value)
-    for place in ("empty", "no-env", "no-debian", "apt-get install dataset-fashion-mnist", "--data-dir"):
+    for place in ("no-env", "no-debian", "apt-get install dataset-fashion-mnist", "--data-dir"):
         assert place in msg
+
+
+def test_a_named_data_dir_must_hold_the_data_no_fall_through(tmp_path, monkeypatch):
+    """`--data-dir /no/such/folder` used to train on the Debian copy without a word."""
+    monkeypatch.setenv(data.ENV_VAR, str(make_fashion_mnist(tmp_path / "elsewhere")))
+    with pytest.raises(data.DataNotFoundError, match="--data-dir /no/such/folder does not exist"):
+        data.find_data_root("/no/such/folder", allow_download=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataNotFoundError, match="does not hold the four Fashion-MNIST IDX files"):
+        data.find_data_root(tmp_path / "empty", allow_download=False)
 
 
 def test_a_failed_download_is_reported_with_the_rest(tmp_path, monkeypatch):

@@ -246,3 +246,11 @@ def test_training_profile_cli_on_the_cpu(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "training.profile", "--steps", "0"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --steps must be positive, got 0"
+
+
+def test_a_missing_data_dir_stops_the_run_in_one_line(tmp_path):
+    r = run_cli("--data-dir", "/no/such/folder", "--out", str(tmp_path / "x"), *FAST[2:])
+    assert r.returncode == 2 and not (tmp_path / "x").exists()
+    assert r.stderr.strip().splitlines()[-1] == ("error: --data-dir /no/such/folder does not exist "
+                                                 "(train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                                                 "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, .gz or not)")

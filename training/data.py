@@ -78,11 +78,20 @@ def _as_torchvision_root(folder: Path) -> Path | None:
 
 
 def find_data_root(data_dir: str | os.PathLike | None = None, allow_download: bool = True) -> Path:
-    """Look in --data-dir, $FASHION_MNIST_DIR, the Debian package, then download when online."""
+    """Look in --data-dir, $FASHION_MNIST_DIR, the Debian package, then download when online.
+
+    A folder named with --data-dir is the user's choice: it must hold the data, or this stops at
+    once (it used to fall through to the next place and train on other data without a word)."""
     tried: list[str] = []
     places = []
     if data_dir:
-        places.append(("--data-dir", Path(data_dir)))
+        folder = Path(data_dir)
+        root = _as_torchvision_root(folder) if folder.is_dir() else None
+        if root is None:
+            what = "does not exist" if not folder.exists() else "does not hold the four Fashion-MNIST IDX files"
+            raise DataNotFoundError(f"--data-dir {folder} {what} ({', '.join(IDX_FILES)}, .gz or not)")
+        log.info("Fashion-MNIST from %s (--data-dir)", folder)
+        return root
     if os.environ.get(ENV_VAR):
         places.append((ENV_VAR, Path(os.environ[ENV_VAR])))
     places.append(("Debian dataset-fashion-mnist", DEBIAN_DIR))
