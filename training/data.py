@@ -89,7 +89,7 @@ def find_data_root(data_dir: str | os.PathLike | None = None, allow_download: bo
         root = _as_torchvision_root(folder) if folder.is_dir() else None
         if root is None:
             what = "does not exist" if not folder.exists() else "does not hold the four Fashion-MNIST IDX files"
-            raise DataNotFoundError(f"--data-dir {folder} {what} ({', '.join(IDX_FILES)}, .gz or not)")
+            raise DataNotFoundError(f"--data-dir {folder} {what} ({', '.join(IDX_FILES)}, .gz or not). Fix: {FIX}")
         log.info("Fashion-MNIST from %s (--data-dir)", folder)
         return root
     if os.environ.get(ENV_VAR):
