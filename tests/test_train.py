@@ -13,7 +13,7 @@ from serving.model_files import sha256
 from training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, training_summary
 from training.config import NiNConfig
 from training.data import to_model_input
-from training.lr_find import suggest_lr
+from training.lr_find import LossSmoother, suggest_lr
 from training.model import NiN, init_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,6 +184,17 @@ def test_lr_suggestion_is_at_the_steepest_descent():
     assert 3e-3 < s < 3e-2
     with pytest.raises(ValueError):
         suggest_lr(lrs[:3], losses[:3])
+
+
+def test_lr_find_smoothing_is_unbiased_from_the_first_step():
+    """A constant loss stays constant through the smoother (an earlier version started the
+    average at the first loss *and* divided by the bias correction: the first points read 10x
+    too high and the steepest descent the rule looks for was that artefact)."""
+    s = LossSmoother()
+    assert all(abs(s.update(2.3026) - 2.3026) < 1e-9 for _ in range(60))
+    s = LossSmoother()
+    out = [s.update(v) for v in (4.0, 2.0, 2.0)]
+    assert out[0] == 4.0 and 2.0 < out[2] < out[1] < 4.0
 
 
 def test_lr_find_writes_curve_and_suggestion(tiny_data, tmp_path):

@@ -20,6 +20,20 @@ from training.plots import plot_lr_find
 log = logging.getLogger(__name__)
 
 
+class LossSmoother:
+    """Exponential moving average with bias correction (as in Adam): starts from 0, so the
+    first average divided by (1 - beta) is exactly the first loss, and early points are not
+    dragged towards the start value."""
+
+    def __init__(self, beta: float = 0.9) -> None:
+        self.beta, self.avg, self.n = beta, 0.0, 0
+
+    def update(self, value: float) -> float:
+        self.n += 1
+        self.avg = self.beta * self.avg + (1 - self.beta) * value
+        return self.avg / (1 - self.beta**self.n)
+
+
 def suggest_lr(lrs: list[float], losses: list[float]) -> float:
     """The lr at the steepest descent of the loss against log(lr), ignoring the noisy first
     tenth of the sweep and everything after the loss minimum's blow-up."""
@@ -41,7 +55,7 @@ def run_lr_find(model, images, labels, config, rt, args, out: Path,
     optimizer = build_optimizer(model, args)
     gamma = (end_lr / start_lr) ** (1 / max(steps - 1, 1))
     gen = torch.Generator().manual_seed(args.seed)
-    lrs, losses, smooth = [], [], None
+    lrs, losses, smoother = [], [], LossSmoother()
     model.train()
     for step in range(steps):
         lr = start_lr * gamma**step
@@ -55,8 +69,7 @@ def run_lr_find(model, images, labels, config, rt, args, out: Path,
         loss.backward()
         optimizer.step()
         value = loss.item()
-        smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
-        debiased = smooth / (1 - 0.9 ** (step + 1)) if step < 50 else smooth
+        debiased = smoother.update(value)
         if not math.isfinite(value) or (losses and debiased > 4 * min(losses)):
             break
         lrs.append(lr)
