@@ -19,14 +19,16 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) data
 
-# From Debian: the real Fashion-MNIST (the four original IDX .gz files) and wrk (the benchmark's
-# native load generator). Installed once, as root or through sudo.
+# From Debian: the real Fashion-MNIST (the four original IDX .gz files), wrk (the benchmark's
+# native load generator), and chromium + chromium-driver (tests/test_browser.py drives the upload
+# page in them). Installed once, as root or through sudo.
 data:
 	@missing=""; [ -f $(FMNIST) ] || missing="dataset-fashion-mnist"; command -v wrk >/dev/null || missing="$$missing wrk"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
 	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq $$missing; \
-	  else echo "note: run 'apt-get install $$missing' as root (real data, benchmark)"; fi; \
+	  else echo "note: run 'apt-get install $$missing' as root (real data, benchmark, browser test)"; fi; \
 	fi
 
 serve: setup

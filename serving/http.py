@@ -1,4 +1,4 @@
-"""HTTP routes for /classify, /classify_batch and /model (a Starlette app mounted into BentoML).
+"""HTTP routes for /classify, /classify_batch, /model and the /ui page (a FastAPI app mounted into BentoML).
 
 BentoML's own request parsing cannot cap the body before reading it, takes multipart or a raw
 body per route but not both, and answers an undecodable upload with a 500; these routes do the
@@ -8,23 +8,25 @@ reading themselves and answer every bad input with a 4xx JSON body {"error", "de
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
-from starlette.applications import Starlette
+from fastapi import FastAPI
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
-from serving import imaging
+from serving import imaging, page
 from serving.admission import Admission
 from serving.batching import MicroBatcher
 from serving.engine import Engine
 from serving.imaging import InputError
+from serving.schemas import (SHOW_INPUT_PARAM, TOP_K_PARAM, BatchClassification, Classification, ModelInfo,
+                             error_responses, image_request_body)
 
 log = logging.getLogger("serving")
 
@@ -40,42 +42,47 @@ IN_SYSTEM = Gauge("nin_images_in_service", "images admitted and not yet answered
 RAW_TYPES = ("image/", "application/octet-stream")
 
 
-class State:
-    """What the routes share; set by the service once the engine is built."""
+class ServiceState:
+    """What the routes share: one engine, its micro-batcher and its admission bound. The service
+    instance builds it and attaches it to the app (attach); nothing here is module-level."""
 
-    engine: Engine | None = None
-    batcher: MicroBatcher | None = None
-    admission: Admission = Admission()
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
 
+        def run(x, lane):
+            t = time.perf_counter()
+            logits, info = engine.run(x, lane)
+            INFERENCE.labels(engine.variant).observe(time.perf_counter() - t)
+            BATCH.observe(len(x))
+            PEAK_RSS.set(info["peak_rss_mb"] * 2**20)
+            return logits, info
 
-state = State()
+        self.batcher = MicroBatcher(run, engine.settings.max_batch_size, engine.settings.max_wait_ms,
+                                    lanes=len(engine.lane_sessions))
+        self.admission = Admission(max_batch_size=engine.settings.max_batch_size)
 
-
-def attach(engine: Engine) -> None:
-    state.engine = engine
-
-    def run(x, lane):
-        t = time.perf_counter()
-        logits, info = engine.run(x, lane)
-        INFERENCE.labels(engine.variant).observe(time.perf_counter() - t)
-        BATCH.observe(len(x))
-        PEAK_RSS.set(info["peak_rss_mb"] * 2**20)
-        return logits, info
-
-    state.batcher = MicroBatcher(run, engine.settings.max_batch_size, engine.settings.max_wait_ms,
-                                 lanes=len(engine.lane_sessions))
-    state.admission = Admission(max_batch_size=engine.settings.max_batch_size)
-
-
-def arm_admission(engine: Engine) -> None:
-    """After warm-up has timed a full batch: bound the images in the service (serving/admission.py)."""
-    state.admission.full_batch_ms = engine.full_batch_ms
-    state.admission.limit = engine.queue_bound()
-    log.info("admitting at most %s images at once (latency budget %g ms, a batch of %d takes %.1f ms)",
-             state.admission.limit, engine.settings.latency_budget_ms, engine.settings.max_batch_size, engine.full_batch_ms)
+    def arm_admission(self) -> None:
+        """After warm-up has timed a full batch: bound the images in the service (serving/admission.py)."""
+        engine, a = self.engine, self.admission
+        a.full_batch_ms = engine.full_batch_ms
+        a.limit = engine.queue_bound()
+        log.info("admitting at most %s images at once (latency budget %g ms, a batch of %d takes %.1f ms)",
+                 a.limit, engine.settings.latency_budget_ms, engine.settings.max_batch_size, engine.full_batch_ms)
 
 
-def overloaded(n: int) -> JSONResponse:
+def attach(app, state: ServiceState) -> None:
+    """Give `app` its state; one app serves one engine."""
+    current = getattr(app.state, "nin", None)
+    if current is not None and current is not state:
+        log.info("the app now serves a new engine (a new service instance replaced the last)")
+    app.state.nin = state
+
+
+def state_of(request: Request) -> ServiceState | None:
+    return getattr(request.app.state, "nin", None)
+
+
+def overloaded(state: ServiceState, n: int) -> JSONResponse:
     OVERLOADED.inc()
     a = state.admission
     retry = a.retry_after_s()
@@ -108,9 +115,15 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-async def uploads(request: Request, field: str, max_files: int) -> list[bytes]:
+def multipart_error(err: MultiPartException, max_files: int) -> InputError:
+    if "too many files" in str(err).lower():  # Starlette's own count, before ours could run
+        return InputError(413, "too_many_images", f"more than {max_files} images; the limit is {max_files}")
+    return InputError(400, "bad_multipart", str(err))
+
+
+async def uploads(request: Request, settings, field: str, max_files: int) -> list[bytes]:
     """The image bytes of a request: the multipart fields named `field`, or the raw body."""
-    e = state.engine.settings
+    e = settings
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not ctype.startswith("multipart/form-data") and not ctype.startswith(RAW_TYPES):
         raise InputError(415, "unsupported_media_type",
@@ -127,12 +140,19 @@ async def uploads(request: Request, field: str, max_files: int) -> list[bytes]:
         form = await MultiPartParser(Headers(scope=request.scope), stream(), max_files=max_files,
                                      max_fields=16, max_part_size=e.max_bytes).parse()
     except MultiPartException as err:
-        raise InputError(400, "bad_multipart", str(err)) from None
+        raise multipart_error(err, max_files) from None
     files = [v for v in form.getlist(field) if isinstance(v, UploadFile)]
     if not files:
         got = sorted(form.keys())
         raise InputError(422, "missing_field", f"expected a file field named {field!r}; got {got or 'no fields'}")
     return [await f.read() for f in files]
+
+
+def _flag(request: Request, name: str) -> bool:
+    raw = request.query_params.get(name, "false").lower()
+    if raw not in ("1", "0", "true", "false", "yes", "no"):
+        raise InputError(422, f"bad_{name}", f"{name} must be true or false, got {raw!r}")
+    return raw in ("1", "true", "yes")
 
 
 def _top_k(request: Request, n_classes: int) -> int:
@@ -142,44 +162,57 @@ def _top_k(request: Request, n_classes: int) -> int:
     return int(raw)
 
 
-async def _classify(request: Request, field: str, max_files: int) -> JSONResponse:
-    engine, t0 = state.engine, time.perf_counter()
+async def _classify(request: Request, field: str) -> JSONResponse:
+    state, t0 = state_of(request), time.perf_counter()
+    engine = state.engine if state else None
     if engine is None or not engine.ready.is_set():
         return JSONResponse({"error": "not_ready", "detail": "the model is still warming up"}, status_code=503)
     held = 0  # images this request holds in the admission count
     try:
+        max_files = 1 if field == "image" else engine.settings.max_batch_images
         if field == "image":  # one image: refused before its body is read
             if not state.admission.try_enter(1):
-                return overloaded(1)
+                return overloaded(state, 1)
             held = 1
         try:
             k = _top_k(request, len(engine.class_names))
-            blobs = await uploads(request, field, max_files)
+            show = _flag(request, "show_input")
+            blobs = await uploads(request, engine.settings, field, max_files)
             if len(blobs) > max_files:
                 raise InputError(413, "too_many_images", f"{len(blobs)} images; the limit is {max_files}")
             if field != "image":  # a batch: once its images are counted, before decoding them
                 if not state.admission.try_enter(len(blobs)):
-                    return overloaded(len(blobs))
+                    return overloaded(state, len(blobs))
                 held = len(blobs)
             t_read = time.perf_counter()
-            decoded = []
-            for i, blob in enumerate(blobs):
-                try:
-                    decoded.append(imaging.to_contract(blob, engine.contract, engine.settings.max_pixels))
-                except InputError as err:
-                    if len(blobs) > 1:
-                        err.detail = f"image {i}: {err.detail}"
-                    raise
+            decoded = decode_all(blobs, engine)
         except InputError as err:
             return reject(err)
-        return await _infer(engine, field, k, decoded, {"t0": t0, "read": t_read, "decode": time.perf_counter()})
+        payload, headers = await infer(state, field == "image", k, decoded,
+                                       {"t0": t0, "read": t_read, "decode": time.perf_counter()}, show)
+        return JSONResponse(payload, headers=headers)
     finally:
         state.admission.leave(held)
         IN_SYSTEM.set(state.admission.in_system)
 
 
-async def _infer(engine: Engine, field: str, k: int, decoded: list, t: dict) -> JSONResponse:
-    """Normalize, run through the micro-batcher, build the response with its timing and memory."""
+def decode_all(blobs: list[bytes], engine: Engine) -> list:
+    decoded = []
+    for i, blob in enumerate(blobs):
+        try:
+            decoded.append(imaging.to_contract(blob, engine.contract, engine.settings.max_pixels))
+        except InputError as err:
+            if len(blobs) > 1:
+                err.detail = f"image {i}: {err.detail}"
+            raise
+    return decoded
+
+
+async def infer(state: ServiceState, single: bool, k: int, decoded: list, t: dict,
+                show_input: bool = False) -> tuple[dict, dict]:
+    """Normalize, run through the micro-batcher; the response body (one image's answer, or
+    {"results": [...]}) with its timing and memory, and the Server-Timing header."""
+    engine = state.engine
     x = imaging.normalize([d.image for d in decoded], engine.contract)
     t_pre = time.perf_counter()
     step = engine.settings.max_batch_size
@@ -199,29 +232,142 @@ async def _infer(engine: Engine, field: str, k: int, decoded: list, t: dict) -> 
     if engine.gpu is not None:
         memory["gpu_mb"] = parts[-1].info.get("gpu_mb")
     results = [{**p, "input": d.describe()} for p, d in zip(preds, decoded)]
+    if show_input:
+        for r, d in zip(results, decoded):
+            r["input"]["png_base64"] = imaging.png_base64(d.image)
     common = {"timing_ms": timing, "memory": memory, "batch_size": max(p.batch_size for p in parts),
               "model": {"variant": engine.variant, "provider": engine.provider}}
-    payload = {**results[0], **common} if field == "image" else {"results": results, **common}
+    payload = {**results[0], **common} if single else {"results": results, **common}
     headers = {"Server-Timing": ", ".join(f"{name};dur={v}" for name, v in timing.items())}
-    return JSONResponse(payload, headers=headers)
+    return payload, headers
 
 
-async def classify(request: Request) -> JSONResponse:
-    return await _classify(request, "image", 1)
+def make_app() -> FastAPI:
+    """The routes for curl and browsers, as a FastAPI app so that BentoML merges their OpenAPI
+    into /docs.json. The handlers read the request themselves (byte cap, raw or multipart) and
+    return their JSON directly: FastAPI validates nothing on the hot path; schemas.py documents it."""
+    app = FastAPI(title="NiN Fashion-MNIST classifier", docs_url=None, redoc_url=None, openapi_url=None)
+    one = dict(response_class=JSONResponse, tags=["Classify (curl, browsers)"])
+
+    @app.post("/classify", summary="Classify one image", response_model=None, **one,
+              responses={200: {"model": Classification, "description": "the prediction, with timing and memory"},
+                         **error_responses(400, 413, 415, 422, 503)},
+              openapi_extra={"parameters": [TOP_K_PARAM, SHOW_INPUT_PARAM], "requestBody": image_request_body("image", False)})
+    async def classify(request: Request) -> JSONResponse:
+        return await _classify(request, "image")
+
+    @app.post("/classify_batch", summary="Classify several images in one request", response_model=None, **one,
+              responses={200: {"model": BatchClassification, "description": "one prediction per image, in order"},
+                         **error_responses(400, 413, 415, 422, 503)},
+              openapi_extra={"parameters": [TOP_K_PARAM, SHOW_INPUT_PARAM], "requestBody": image_request_body("images", True)})
+    async def classify_batch(request: Request) -> JSONResponse:
+        return await _classify(request, "images")
+
+    @app.get("/model", summary="The served model, its input contract and limits", response_model=None, **one,
+             responses={200: {"model": ModelInfo}, **error_responses(503)})
+    async def model_info(request: Request) -> JSONResponse:
+        state = state_of(request)
+        if state is None:
+            return JSONResponse({"error": "not_ready", "detail": "the model is not loaded"}, status_code=503)
+        return JSONResponse(state.engine.describe())
+
+    page.add_routes(app)
+    return app
 
 
-async def classify_batch(request: Request) -> JSONResponse:
-    return await _classify(request, "images", state.engine.settings.max_batch_images if state.engine else 1)
+async def classify_files(state: ServiceState | None, blobs: list[bytes], single: bool, top_k: int,
+                         t0: float) -> tuple[int, dict]:
+    """The typed BentoML endpoints' path (service.py): the same admission, decoding, batching
+    and response as /classify, from file contents BentoML has already read. (status, body)."""
+    engine = state.engine if state else None
+    if engine is None or not engine.ready.is_set():
+        return 503, {"error": "not_ready", "detail": "the model is still warming up"}
+    held = 0
+    try:
+        limit = 1 if single else engine.settings.max_batch_images
+        if not blobs:
+            raise InputError(422, "missing_field", "no image was uploaded")
+        if len(blobs) > limit:
+            raise InputError(413, "too_many_images", f"{len(blobs)} images; the limit is {limit}")
+        if not 1 <= top_k <= len(engine.class_names):
+            raise InputError(422, "bad_top_k", f"top_k must be an integer from 1 to {len(engine.class_names)}, got {top_k}")
+        if not state.admission.try_enter(len(blobs)):
+            response = overloaded(state, len(blobs))
+            return 503, json.loads(response.body)
+        held = len(blobs)
+        t_read = time.perf_counter()
+        decoded = decode_all(blobs, engine)
+        payload, _ = await infer(state, single, top_k, decoded, {"t0": t0, "read": t_read, "decode": time.perf_counter()})
+        return 200, payload
+    except InputError as err:
+        REJECTED.labels(err.error).inc()
+        return err.status, err.to_json()
+    finally:
+        state.admission.leave(held)
+        IN_SYSTEM.set(state.admission.in_system)
 
 
-async def model_info(request: Request) -> JSONResponse:
-    if state.engine is None:
-        return JSONResponse({"error": "not_ready", "detail": "the model is not loaded"}, status_code=503)
-    return JSONResponse(state.engine.describe())
+class ApiGuard:
+    """ASGI middleware for the typed endpoints, whose body BentoML itself reads and parses
+    (POST /api/classify, /api/classify_batch): a body over `max_bytes` is refused with 413 while
+    it arrives; a body that is not multipart, lacks its file field, or carries a field BentoML
+    would choke on (it answers those with a 500) gets the usual 4xx JSON instead. Other paths
+    pass through untouched; the /classify routes guard themselves (read_body, uploads)."""
 
+    def __init__(self, app, max_bytes: int, max_files: int,
+                 routes: dict[str, str] | None = None) -> None:
+        self.app, self.max_bytes, self.max_files = app, max_bytes, max_files
+        self.routes = routes or {"/api/classify": "image", "/api/classify_batch": "images"}
 
-app = Starlette(routes=[
-    Route("/classify", classify, methods=["POST"]),
-    Route("/classify_batch", classify_batch, methods=["POST"]),
-    Route("/model", model_info, methods=["GET"]),
-])
+    async def __call__(self, scope, receive, send) -> None:
+        field = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if field is None or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        messages, size = [], 0
+        try:
+            declared = Headers(scope=scope).get("content-length", "")
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                raise InputError(413, "body_too_large", f"{int(declared):,} bytes declared; the limit is {self.max_bytes:,}")
+            while True:  # read up to the cap, keeping the messages to hand on
+                message = await receive()
+                messages.append(message)
+                if message["type"] != "http.request":
+                    raise InputError(400, "client_disconnected", "the body ended early")
+                size += len(message.get("body", b""))
+                if size > self.max_bytes:
+                    raise InputError(413, "body_too_large", f"more than {self.max_bytes:,} bytes; the limit is {self.max_bytes:,}")
+                if not message.get("more_body", False):
+                    break
+            await self._check_form(scope, b"".join(m.get("body", b"") for m in messages), field)
+        except InputError as err:
+            REJECTED.labels(err.error).inc()
+            return await JSONResponse(err.to_json(), status_code=err.status)(scope, receive, send)
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _check_form(self, scope, body: bytes, field: str) -> None:
+        headers = Headers(scope=scope)
+        if not headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            raise InputError(415, "unsupported_media_type",
+                             f"Content-Type {headers.get('content-type') or '(none)'}; this typed endpoint takes "
+                             f"multipart/form-data with a file field {field!r} (raw bodies: POST {scope['path'][4:]})")
+
+        async def stream():
+            yield body
+
+        try:
+            form = await MultiPartParser(headers, stream(), max_files=self.max_files, max_fields=16,
+                                         max_part_size=self.max_bytes).parse()
+        except MultiPartException as err:
+            raise multipart_error(err, self.max_files) from None
+        unknown = sorted(set(form.keys()) - {field, "top_k"})
+        if unknown:
+            raise InputError(422, "unknown_field", f"fields {unknown}; expected a file field {field!r} and optionally top_k")
+        if not any(isinstance(v, UploadFile) for v in form.getlist(field)):
+            raise InputError(422, "missing_field", f"expected a file field named {field!r}")
+        top_k = form.get("top_k")
+        if top_k is not None and (isinstance(top_k, UploadFile) or not top_k.strip().isdigit()):
+            raise InputError(422, "bad_top_k", f"top_k must be an integer from 1 to 10, got {top_k!r}")

@@ -143,3 +143,12 @@ def warm_up(contract: dict, max_pixels: int) -> None:
         buf = io.BytesIO()
         Image.new(mode, (28, 28)).save(buf, format=fmt)
         to_contract(buf.getvalue(), contract, max_pixels)
+
+
+def png_base64(image: Image.Image) -> str:
+    """The image as a base64 PNG: what the model saw, for the upload page."""
+    import base64
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")

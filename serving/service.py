@@ -1,8 +1,11 @@
 """The BentoML service: `bentoml serve` from the repository root (bentofile.yaml names it).
 
 Settings come from NIN_* environment variables (serving/engine.py: Settings). Routes:
-POST /classify, POST /classify_batch, GET /model (serving/http.py), plus BentoML's /livez,
-/readyz (ready once every batch size is warmed up) and /metrics.
+POST /classify, POST /classify_batch, GET /model and the upload page GET /ui (serving/http.py,
+a FastAPI app whose OpenAPI BentoML merges into /docs.json); the typed endpoints for
+bentoml.SyncHTTPClient / AsyncHTTPClient, POST /api/classify and /api/classify_batch (below);
+BentoML's /livez, /readyz (ready once every batch size is warmed up), /metrics, /docs.json and
+the Swagger UI at /.
 """
 
 from __future__ import annotations
@@ -11,12 +14,16 @@ import logging
 import os
 import sys
 import threading
+import time
+from pathlib import Path
 
 import bentoml
 
 from serving import http, imaging, model_files
 from serving.engine import Engine, Settings, check_gpu_requirement
 from serving.model_files import ModelLoadError
+from serving.schemas import BatchClassification, Classification
+from starlette.responses import JSONResponse
 
 log = logging.getLogger("serving")
 # BentoML's server logging keeps the root at WARNING; the engine's one start-up line ("serving
@@ -54,20 +61,50 @@ def per_request_extras() -> dict:
     return config
 
 
+app = http.make_app()
+
+
 @bentoml.service(name="nin-fashion-mnist", workers=1, traffic={"timeout": 30, "max_concurrency": 512},
                  **per_request_extras())
-@bentoml.asgi_app(http.app, path="/")
+@bentoml.asgi_app(app, path="/")
 class NiNClassifier:
+    """Classifies 224x224 grayscale images of clothing (Fashion-MNIST's ten classes) with the
+    Network-in-Network model on onnxruntime. Send any PNG/JPEG/WebP/BMP/TIFF/GIF: it is converted
+    to 8-bit grayscale and resized as in training. Every answer reports its timing and peak
+    memory; every refusal is a 4xx JSON object {"error", "detail"}. The upload page is at /ui."""
+
     def __init__(self) -> None:
         self.engine = Engine(Settings.from_env())
-        http.attach(self.engine)
+        self.state = http.ServiceState(self.engine)
+        http.attach(app, self.state)
         # warm up off the start-up path: /livez answers at once, /readyz once this is done
         threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
 
     def _warm_up(self) -> None:
         imaging.warm_up(self.engine.contract, self.engine.settings.max_pixels)
         self.engine.warm_up()
-        http.arm_admission(self.engine)
+        self.state.arm_admission()
 
     def __is_ready__(self) -> bool:
         return self.engine.ready.is_set()
+
+    # The typed endpoints: what bentoml.SyncHTTPClient(url).classify(image=Path("shoe.png")) calls.
+    # BentoML reads these bodies (multipart only; http.ApiGuard caps and checks them first); the
+    # JSON answer, and every refusal's 4xx {"error", "detail"}, are /classify's.
+    @bentoml.api(route="/api/classify")
+    async def classify(self, image: Path, top_k: int = 3) -> Classification:
+        """Classify one image file: the same answer as POST /classify. Refusals are 4xx/503 with
+        {"error", "detail"}."""
+        status, body = await http.classify_files(self.state, [image.read_bytes()], True, top_k, time.perf_counter())
+        return JSONResponse(body, status_code=status)
+
+    @bentoml.api(route="/api/classify_batch")
+    async def classify_batch(self, images: list[Path], top_k: int = 3) -> BatchClassification:
+        """Classify several image files in one call: the same answer as POST /classify_batch."""
+        status, body = await http.classify_files(self.state, [p.read_bytes() for p in images], False, top_k,
+                                                 time.perf_counter())
+        return JSONResponse(body, status_code=status)
+
+
+_settings = Settings.from_env()
+NiNClassifier.add_asgi_middleware(http.ApiGuard, max_bytes=_settings.max_bytes, max_files=_settings.max_batch_images)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,49 @@ def png_bytes(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def service_cls(served_model):
+    os.environ["NIN_MODEL"] = str(served_model)
+    from serving.service import NiNClassifier
+
+    return NiNClassifier
+
+
+@pytest.fixture(scope="session")
+def client(service_cls):
+    """The whole service in-process through an ASGI client. One per test session: BentoML
+    registers its Prometheus metrics once per process, so a second app cannot be built."""
+    from starlette.testclient import TestClient
+
+    with TestClient(service_cls.to_asgi()) as c:
+        for _ in range(400):
+            if c.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.05)
+        yield c
+
+
+MAX_BYTES = 2 * 2**20  # the byte cap of the shared real server
+
+
+@pytest.fixture(scope="session")
+def server_proc(served_model):
+    """One real `bentoml serve` in a subprocess on a free port, shared by the modules that
+    need a server (tests/test_http_server.py, tests/test_browser.py)."""
+    from bench.servers import free_port, start_server, stop_server, wait_ready
+
+    port = free_port()
+    proc = start_server(served_model, port, {"NIN_MAX_BYTES": str(MAX_BYTES)})
+    proc.url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc.url, proc)
+        yield proc
+    finally:
+        stop_server(proc)
+
+
+@pytest.fixture(scope="session")
+def server(server_proc) -> str:
+    return server_proc.url

@@ -13,32 +13,14 @@ from bench.images import real_test_pngs
 from bench.servers import free_port, server_output, start_server, stop_server, wait_ready
 from serving.engine import Engine, Settings
 from serving.model_files import VARIANT_FILES
-from tests.conftest import REAL_DATA, png_bytes
+from tests.conftest import MAX_BYTES, REAL_DATA, png_bytes
 from tests.test_imaging import BAD
 
 pytestmark = pytest.mark.integration
-MAX_BYTES = 2 * 2**20
 
 
 def start(model: Path, port: int, extra_env: dict | None = None):
     return start_server(model, port, {"NIN_MAX_BYTES": str(MAX_BYTES), **(extra_env or {})})
-
-
-@pytest.fixture(scope="module")
-def server_proc(served_model):
-    port = free_port()
-    proc = start(served_model, port)
-    proc.url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc.url, proc)
-        yield proc
-    finally:
-        stop_server(proc)
-
-
-@pytest.fixture(scope="module")
-def server(server_proc):
-    return server_proc.url
 
 
 def test_start_up_says_in_one_plain_line_what_serves_where(server_proc):
@@ -203,3 +185,83 @@ def test_the_benchmark_reference_server_gives_the_service_s_answer(server, serve
                                        [t["probability"] for t in svc["top_k"]], atol=1e-5)
     finally:
         stop_server(proc)
+
+
+def _validate(spec: dict, schema: dict, instance) -> None:
+    """Validate a real answer against a schema from /docs.json, its $refs resolved in the document."""
+    import jsonschema
+
+    jsonschema.Draft202012Validator({**schema, "components": spec["components"]}).validate(instance)
+
+
+def _declared(spec: dict, path: str, method: str, status: int) -> dict:
+    return spec["paths"][path][method]["responses"][str(status)]["content"]["application/json"]["schema"]
+
+
+def test_docs_json_matches_what_every_route_really_answers(server):
+    """One real request per route, its answer validated against the schema /docs.json declares."""
+    from serving.page import SAMPLES
+
+    png = (SAMPLES / "test0000-ankle-boot.png").read_bytes()
+    with httpx.Client(base_url=server, timeout=30) as c:
+        spec = c.get("/docs.json").json()
+        routes = {p: sorted(ops) for p, ops in spec["paths"].items()}
+        assert {"/classify", "/classify_batch", "/model", "/ui", "/ui/samples", "/ui/samples/{name}",
+                "/api/classify", "/api/classify_batch", "/livez", "/readyz", "/metrics"} <= set(routes)
+        answers = {
+            ("/classify", 200): c.post("/classify?top_k=5", files={"image": ("a.png", png, "image/png")}),
+            ("/classify", 400): c.post("/classify", content=b"not an image", headers={"Content-Type": "image/png"}),
+            ("/classify", 415): c.post("/classify", content=b"hi", headers={"Content-Type": "text/plain"}),
+            ("/classify", 422): c.post("/classify?top_k=99", content=png, headers={"Content-Type": "image/png"}),
+            ("/classify_batch", 200): c.post("/classify_batch", files=[("images", ("a.png", png, "image/png"))] * 3),
+            ("/classify_batch", 413): c.post("/classify_batch", files=[("images", ("a.png", png, "image/png"))] * 65),
+            ("/api/classify", 200): c.post("/api/classify", files={"image": ("a.png", png, "image/png")}),
+            ("/api/classify_batch", 200): c.post("/api/classify_batch", files=[("images", ("a.png", png, "image/png"))] * 2),
+        }
+        for (path, status), r in answers.items():
+            assert r.status_code == status, (path, r.text)
+            method = "post"
+            _validate(spec, _declared(spec, path, method, status), r.json())
+        model = c.get("/model")
+        _validate(spec, _declared(spec, "/model", "get", 200), model.json())
+        samples = c.get("/ui/samples")
+        _validate(spec, _declared(spec, "/ui/samples", "get", 200), samples.json())
+        page = c.get("/ui")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        assert "text/html" in spec["paths"]["/ui"]["get"]["responses"]["200"]["content"]
+
+
+def test_bentoml_clients_classify_a_file_with_one_call_like_curl(server, tmp_path):
+    import asyncio
+    import json
+    import subprocess
+
+    import bentoml
+
+    from serving.page import SAMPLES
+
+    image = tmp_path / "boot.png"
+    image.write_bytes((SAMPLES / "test0000-ankle-boot.png").read_bytes())
+    curl = subprocess.run(["curl", "-sS", "-F", f"image=@{image}", f"{server}/classify?top_k=3"],
+                          capture_output=True, text=True, timeout=30, check=True)
+    expected = json.loads(curl.stdout)
+    with bentoml.SyncHTTPClient(server) as client:
+        assert {"classify", "classify_batch"} <= set(client.endpoints)
+        got = client.classify(image=image)
+        batch = client.classify_batch(images=[image, image])
+
+    async def call_async():
+        async with bentoml.AsyncHTTPClient(server) as client:
+            return await client.classify(image=image, top_k=3)
+
+    got_async = asyncio.run(call_async())
+    for answer in (got, got_async, batch["results"][0]):
+        assert {k: answer[k] for k in ("label", "class_name", "top_k")} == {
+            k: expected[k] for k in ("label", "class_name", "top_k")}
+    assert got["model"] == expected["model"] and "timing_ms" in got and "memory" in got
+
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"not an image at all")
+    with bentoml.SyncHTTPClient(server) as client, pytest.raises(bentoml.exceptions.BentoMLException) as err:
+        client.classify(image=bad)
+    assert "not_an_image" in str(err.value) or "no image decoder" in str(err.value)

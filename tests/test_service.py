@@ -16,24 +16,6 @@ from tests.conftest import png_bytes
 from tests.test_imaging import BAD, GOOD
 
 
-@pytest.fixture(scope="module")
-def service_cls(served_model):
-    os.environ["NIN_MODEL"] = str(served_model)
-    from serving.service import NiNClassifier
-
-    return NiNClassifier
-
-
-@pytest.fixture(scope="module")
-def client(service_cls):
-    with TestClient(service_cls.to_asgi()) as c:
-        for _ in range(200):
-            if c.get("/readyz").status_code == 200:
-                break
-            time.sleep(0.05)
-        yield c
-
-
 def image_png(seed=0) -> bytes:
     return png_bytes(Image.fromarray(np.random.default_rng(seed).integers(0, 256, (224, 224), dtype=np.uint8)))
 
@@ -51,10 +33,15 @@ def test_engine_in_process_picks_int8_on_cpu_and_matches_the_file(served_model):
 
 def test_service_class_in_process(service_cls):
     svc = service_cls()
-    deadline = time.time() + 30
+    assert not svc.__is_ready__()  # warm-up takes seconds, off the constructor's path
+    deadline = time.time() + 60
     while not svc.__is_ready__() and time.time() < deadline:
         time.sleep(0.05)
     assert svc.__is_ready__()
+    deadline = time.time() + 10
+    while svc.state.admission.limit is None and time.time() < deadline:  # armed just after ready
+        time.sleep(0.05)
+    assert svc.state.admission.limit is not None
     assert svc.engine.describe()["input_contract"]["image_size"] == 224
 
 
@@ -139,24 +126,22 @@ def test_model_endpoint(client):
     assert info["card"]["class_names"][6] == "Shirt"
 
 
-def test_readyz_waits_for_warm_up(client):
-    # One ASGI app per process (BentoML registers its metrics once): rewind the live engine to
-    # "not warmed up" and run the real warm-up again.
+def test_routes_wait_for_warm_up_on_their_own_app_and_engine(served_model):
+    """The routes' state lives on what attach() gives an app, not in a module: a fresh app with
+    a fresh, cold engine answers 503 not_ready, then 200 once that engine is warm."""
     from serving import http
 
-    engine = http.state.engine
-    engine.ready.clear()
-    assert client.get("/livez").status_code == 200
-    assert client.get("/readyz").status_code == 503
-    r = client.post("/classify", content=image_png(), headers={"Content-Type": "image/png"})
-    assert r.status_code == 503 and r.json()["error"] == "not_ready"
-    threading.Thread(target=engine.warm_up).start()
-    for _ in range(400):
-        if client.get("/readyz").status_code == 200:
-            break
-        time.sleep(0.05)
-    assert client.get("/readyz").status_code == 200
-    assert client.post("/classify", content=image_png(), headers={"Content-Type": "image/png"}).status_code == 200
+    app, engine = http.make_app(), Engine(Settings(model=str(served_model), max_batch_size=2, lanes=0))
+    state = http.ServiceState(engine)
+    http.attach(app, state)
+    with TestClient(app) as c:
+        r = c.post("/classify", content=image_png(), headers={"Content-Type": "image/png"})
+        assert r.status_code == 503 and r.json() == {"error": "not_ready", "detail": "the model is still warming up"}
+        engine.warm_up()
+        state.arm_admission()
+        r = c.post("/classify", content=image_png(), headers={"Content-Type": "image/png"})
+        assert r.status_code == 200 and r.json()["batch_size"] == 1
+    assert http.make_app().state._state.get("nin") is None  # another app shares nothing
 
 
 def test_throughput_lanes_give_the_latency_lane_s_logits(served_model):
