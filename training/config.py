@@ -37,6 +37,9 @@ class NiNConfig:
     dropout: float = 0.5
     # Multiplies the hidden widths 96/256/384 (the classifier block keeps num_classes channels).
     width: float = 1.0
+    # The classifier: 0 = the textbook's one NiN block straight from 384 channels to num_classes;
+    # N > 0 = two steps: a 3x3 NiN block 384 -> N, then a block of 1x1 convs N -> num_classes.
+    head_width: int = 0
 
     # Input contract: what a client sends and how it becomes the tensor the network sees.
     image_size: int = 224
@@ -55,6 +58,8 @@ class NiNConfig:
             raise ValueError(f"num_1x1 must be 0..3, got {self.num_1x1}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.head_width < 0:
+            raise ValueError(f"head_width must be >= 0, got {self.head_width}")
         if self.width <= 0:
             raise ValueError(f"width must be > 0, got {self.width}")
         if len(self.class_names) != self.num_classes:

@@ -80,7 +80,7 @@ def train_one_epoch(
     sums = torch.zeros(2, device=rt.device, dtype=torch.float64)  # loss*n, correct
     n = 0  # images seen; counted on the host, it needs no copy
     start, done = time.perf_counter(), 0
-    bar = tqdm(batches, desc=desc, disable=not rt.is_main, leave=False, dynamic_ncols=True)
+    bar = tqdm(batches, desc=desc, disable=None if rt.is_main else True, leave=False, dynamic_ncols=True)  # None: off in log files
     for done, idx in enumerate(bar, 1):
         loss, correct = train_step(model, optimizer, scheduler, images[idx], labels[idx], config, rt,
                                    augment=augment, label_smoothing=label_smoothing, image_size=image_size)

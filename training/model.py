@@ -37,6 +37,17 @@ def nin_block(
     return nn.Sequential(*layers)
 
 
+def classifier(c_in: int, config: NiNConfig, block: dict) -> list[nn.Module]:
+    """The textbook's classifier is one NiN block from 384 channels straight to num_classes; with
+    `head_width` N it takes two steps: a 3x3 NiN block to N channels, then 1x1 convs to the classes."""
+    if not config.head_width:
+        return [nin_block(c_in, config.num_classes, 3, 1, 1, last_norm=False, **block)]
+    return [
+        nin_block(c_in, config.head_width, 3, 1, 1, **block),
+        nin_block(config.head_width, config.num_classes, 1, 1, 0, last_norm=False, **block),
+    ]
+
+
 class NiN(nn.Module):
     def __init__(self, config: NiNConfig | None = None) -> None:
         super().__init__()
@@ -52,7 +63,7 @@ class NiN(nn.Module):
             nn.MaxPool2d(3, stride=2),  # (B, 384, 5, 5)
             nn.Dropout(config.dropout),
             # No fully connected layer: one channel per class ...
-            nin_block(c3, config.num_classes, 3, 1, 1, last_norm=False, **block),  # (B, 10, 5, 5)
+            *classifier(c3, config, block),  # (B, 10, 5, 5)
             # ... averaged over the remaining positions.
             nn.AdaptiveAvgPool2d((1, 1)),  # (B, 10, 1, 1)
             nn.Flatten(),  # (B, 10)
