@@ -270,6 +270,13 @@ def section_lr(rec: dict, folder: Path, rel: str) -> list[str]:
     answer = (f"**Answer ({rec['budget']} budget).** Range test suggestions: {ranges['d2l']['suggested_lr']:.3g} for the "
               f"textbook recipe, {ranges['strong']['suggested_lr']:.3g} with BatchNorm. Textbook recipe (plain SGD, "
               f"Xavier, no BatchNorm): {summary('d2l')}. BatchNorm recipe: {summary('strong')}. ")
+    for rc in RECIPES:
+        losses = ranges[rc]["losses"]
+        if losses and max(losses) - min(losses) < 0.01 and abs(min(losses) - LN10) < 0.01:
+            answer += (f"The {rc} recipe's range test is flat at ln 10 over the whole range "
+                       f"({ranges[rc]['lrs'][0]:.0e} to {ranges[rc]['lrs'][-1]:.2g}): the network is stalled from "
+                       f"the first step, so its 'suggestion' is noise and no lr in the range test's reach moves "
+                       f"the loss within {len(losses)} steps. ")
     if bn_spread > 0 and d2l_spread < bn_spread / 10:
         answer += (f"Why plain SGD stalls: at initialisation its ten class scores differ by {d2l_spread:.3g} on average "
                    f"(BatchNorm network: {bn_spread:.3g}) -- after twelve Xavier-initialised convolutions, each ReLU "
