@@ -48,6 +48,10 @@ class Settings:
     # measured time of a full batch, serving/admission.py); past it, 503 with Retry-After.
     latency_budget_ms: float = 500.0
     max_queue: int = 0
+    # Graceful drain on SIGTERM (serving/drain.py): serve drain_s more seconds with readiness
+    # failing, then answer what is in flight within shutdown_timeout_s, then exit.
+    drain_s: float = 5.0
+    shutdown_timeout_s: float = 20.0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -62,6 +66,7 @@ class Settings:
                 max_bytes=int(e("NIN_MAX_BYTES", str(10 * 2**20))), max_pixels=int(e("NIN_MAX_PIXELS", str(4096 * 4096))),
                 max_batch_images=int(e("NIN_MAX_BATCH_IMAGES", "64")),
                 latency_budget_ms=float(e("NIN_LATENCY_BUDGET_MS", "500")), max_queue=int(e("NIN_MAX_QUEUE", "0")),
+                drain_s=float(e("NIN_DRAIN_SECONDS", "5")), shutdown_timeout_s=float(e("NIN_SHUTDOWN_TIMEOUT", "20")),
             )
         except ValueError as err:
             raise ModelLoadError(f"bad NIN_* setting: {err}") from None
@@ -70,6 +75,9 @@ class Settings:
         if settings.latency_budget_ms <= 0 or settings.max_queue < 0:
             raise ModelLoadError(f"NIN_LATENCY_BUDGET_MS must be > 0 and NIN_MAX_QUEUE >= 0, got "
                                  f"{settings.latency_budget_ms} and {settings.max_queue}")
+        if settings.drain_s < 0 or settings.shutdown_timeout_s <= 0:
+            raise ModelLoadError(f"NIN_DRAIN_SECONDS must be >= 0 and NIN_SHUTDOWN_TIMEOUT > 0, got "
+                                 f"{settings.drain_s} and {settings.shutdown_timeout_s}")
         if settings.device not in ("auto", "cuda", "cpu"):
             raise ModelLoadError(f"NIN_DEVICE must be auto, cuda or cpu, got {settings.device!r}")
         return settings

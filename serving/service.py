@@ -20,6 +20,7 @@ from pathlib import Path
 import bentoml
 
 from serving import http, imaging, model_files
+from serving.drain import Drain
 from serving.engine import Engine, Settings, check_gpu_requirement
 from serving.model_files import ModelLoadError
 from serving.schemas import BatchClassification, Classification
@@ -77,6 +78,9 @@ class NiNClassifier:
         self.engine = Engine(Settings.from_env())
         self.state = http.ServiceState(self.engine)
         http.attach(app, self.state)
+        settings = self.engine.settings
+        self.drain = Drain(settings.drain_s, settings.shutdown_timeout_s)
+        self.drain.install()
         # warm up off the start-up path: /livez answers at once, /readyz once this is done
         threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
 
@@ -86,7 +90,7 @@ class NiNClassifier:
         self.state.arm_admission()
 
     def __is_ready__(self) -> bool:
-        return self.engine.ready.is_set()
+        return self.engine.ready.is_set() and not self.drain.draining.is_set()
 
     # The typed endpoints: what bentoml.SyncHTTPClient(url).classify(image=Path("shoe.png")) calls.
     # BentoML reads these bodies (multipart only; http.ApiGuard caps and checks them first); the

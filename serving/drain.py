@@ -1,0 +1,101 @@
+"""Graceful drain on SIGTERM (what Docker and Kubernetes send on every rollout and scale-down).
+
+`bentoml serve` is a circus arbiter holding the listening socket, and a uvicorn worker serving
+it. The arbiter forwards SIGTERM to the worker; uvicorn alone would stop accepting at once, and
+connections the kernel had already completed into the arbiter's socket would then wait in its
+backlog until the arbiter closed it: accepted, never answered. Here the worker instead:
+
+1. fails readiness at once (`/readyz` 503: a load balancer stops sending) and keeps serving for
+   `drain_s` seconds (NIN_DRAIN_SECONDS, default 5), accepting whatever still arrives;
+2. then hands over to uvicorn's graceful shutdown (stop accepting, answer every request in
+   flight, queued in the micro-batcher or still being read, within `timeout_s`,
+   NIN_SHUTDOWN_TIMEOUT, default 20) and shuts the shared listening socket down, so a late
+   connection is refused at connect instead of stranded in the backlog;
+3. exits by itself: within drain_s + timeout_s (+ 5 s, a hard stop that never waits longer).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+
+log = logging.getLogger("serving")
+
+
+class Drain:
+    def __init__(self, drain_s: float = 5.0, timeout_s: float = 20.0) -> None:
+        if drain_s < 0 or timeout_s <= 0:
+            raise ValueError(f"drain seconds must be >= 0 and the shutdown timeout > 0, got {drain_s}, {timeout_s}")
+        self.drain_s, self.timeout_s = drain_s, timeout_s
+        self.draining = threading.Event()
+        self._next = None  # the handler ours replaced (uvicorn's Server.handle_exit)
+        self._listeners: list[socket.socket] = []
+        self._timers: list[threading.Timer] = []
+
+    @property
+    def bound_s(self) -> float:
+        """The longest a SIGTERM'd worker lives."""
+        return self.drain_s + self.timeout_s + 5
+
+    def install(self) -> bool:
+        """Take over SIGTERM (only possible on the main thread, where uvicorn installed its own)."""
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("graceful drain not installed: not on the main thread")
+            return False
+        self._next = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        return True
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if self.draining.is_set():  # a second SIGTERM: stop draining, shut down now
+            threading.Thread(target=self._close, name="drain-close", daemon=True).start()
+            return
+        self.draining.set()
+        self._listeners = listening_sockets(self._next)
+        log.info("SIGTERM: readiness failing; serving for %g s more, then closing the listener "
+                 "(requests in flight get %g s)", self.drain_s, self.timeout_s)
+        close, hard = threading.Timer(self.drain_s, self._close), threading.Timer(self.bound_s, os._exit, (1,))
+        hard.daemon = True  # the last resort: never alive past the bound
+        self._timers = [close, hard]
+        for t in self._timers:
+            t.start()
+
+    def cancel(self) -> None:
+        """Stop the pending close and hard stop (tests that drain inside their own process)."""
+        for t in self._timers:
+            t.cancel()
+
+    def _close(self) -> None:
+        server = getattr(self._next, "__self__", None)
+        if server is not None and hasattr(server, "config"):
+            server.config.timeout_graceful_shutdown = self.timeout_s
+        log.info("drain period over: closing the listener, answering what is in flight")
+        # First the shared socket itself (the arbiter holds a copy): from here a new connection is
+        # refused at connect, not completed into a backlog nobody will accept from; uvicorn's
+        # accept loop has been taking every completed one, so none is stranded.
+        for sock in self._listeners:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        if callable(self._next):
+            self._next(signal.SIGTERM, None)  # uvicorn: stop accepting, finish in-flight requests, exit
+        elif self._next in (signal.SIG_DFL, None):
+            os._exit(0)
+
+
+def listening_sockets(handler) -> list[socket.socket]:
+    """Duplicates of the listening sockets of the uvicorn server behind `handler`."""
+    server = getattr(handler, "__self__", None)
+    out = []
+    for srv in getattr(server, "servers", None) or []:
+        for s in getattr(srv, "sockets", None) or []:
+            try:
+                out.append(socket.socket(fileno=os.dup(s.fileno())))
+            except OSError:
+                pass
+    return out

@@ -1,0 +1,129 @@
+"""Rollouts lose nothing: SIGTERM drains (serving/drain.py), in-process and on a real
+`bentoml serve` hit by a ramp of requests, each on a fresh connection."""
+
+import asyncio
+import os
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+
+import aiohttp
+import pytest
+
+from bench.servers import free_port, server_output, start_server, wait_ready
+from serving.drain import Drain
+from serving.page import SAMPLES
+
+PNG = (SAMPLES / "test0000-ankle-boot.png").read_bytes()
+
+
+class FakeUvicorn:
+    """What Drain finds behind the SIGTERM handler it replaces: uvicorn's Server.handle_exit."""
+
+    def __init__(self, listener):
+        self.should_exit, self.config = False, type("C", (), {"timeout_graceful_shutdown": None})()
+        self.servers = [type("S", (), {"sockets": [listener]})()]
+
+    def handle_exit(self, sig, frame):
+        self.should_exit = True
+
+
+def test_drain_fails_readiness_at_once_then_closes_the_shared_listener():
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    fake = FakeUvicorn(listener)
+    previous = signal.signal(signal.SIGTERM, fake.handle_exit)
+    drain = Drain(drain_s=0.3, timeout_s=2)
+    try:
+        assert drain.install() and drain.bound_s == 7.3
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert drain.draining.is_set() and not fake.should_exit  # readiness fails, serving goes on
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()  # still accepting
+        time.sleep(0.6)
+        assert fake.should_exit and fake.config.timeout_graceful_shutdown == 2
+        with pytest.raises(ConnectionRefusedError):  # even though `listener` itself is still open
+            socket.create_connection(("127.0.0.1", port), timeout=2)
+    finally:
+        drain.cancel()  # its hard stop would end this test process
+        signal.signal(signal.SIGTERM, previous)
+        listener.close()
+
+
+def test_drain_settings_are_checked():
+    with pytest.raises(ValueError):
+        Drain(drain_s=-1)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(ok=Drain().install()))
+    t.start()
+    t.join()
+    assert result["ok"] is False  # signals belong to the main thread; refused, not crashed
+
+
+async def _one(url: str, delay: float, out: list) -> None:
+    await asyncio.sleep(delay)
+    try:  # a fresh connection per request: no keep-alive race explains anything
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            async with s.post(f"{url}/classify", data=PNG, headers={"Content-Type": "image/png"},
+                              timeout=aiohttp.ClientTimeout(total=60)) as r:
+                await r.read()
+                out.append(r.status)
+    except aiohttp.ClientConnectorError:
+        out.append("refused at connect")
+    except Exception as e:  # the server accepted the connection and never answered
+        out.append(f"dropped ({type(e).__name__})")
+
+
+async def ramp_and_sigterm(proc, url: str, n: int, span_s: float, signal_at_s: float) -> dict:
+    outcomes: list = []
+    tasks = [asyncio.create_task(_one(url, span_s * i / n, outcomes)) for i in range(n)]
+    await asyncio.sleep(signal_at_s)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)  # to `bentoml serve` itself, as `docker stop` and the kubelet do
+    await asyncio.sleep(0.2)
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/readyz") as r:
+        readyz = r.status
+    await asyncio.gather(*tasks)
+    rc = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 60)
+    return {"outcomes": Counter(outcomes), "readyz_after_signal": readyz, "exit_s": time.monotonic() - t0, "rc": rc}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("drain_s, n, span_s, expect_refused", [
+    (5, 128, 1.3, False),  # the issue's probe: the whole ramp lands inside the drain period
+    (1, 128, 3.0, True),  # a ramp that outlasts it: late connections are refused, none stranded
+])
+def test_sigterm_mid_ramp_answers_every_request_it_accepted(served_model, drain_s, n, span_s, expect_refused):
+    port = free_port()
+    # NIN_MAX_QUEUE: the ramp must not trip the overload bound, whose 503s are another feature
+    proc = start_server(served_model, port, {"NIN_DRAIN_SECONDS": str(drain_s), "NIN_MAX_QUEUE": "10000"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        result = asyncio.run(ramp_and_sigterm(proc, url, n, span_s, signal_at_s=0.5))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    seen = result["outcomes"]
+    assert result["readyz_after_signal"] == 503
+    assert set(seen) <= {200, "refused at connect"}, (seen, server_output(proc))
+    assert seen[200] > n * 0.5 * 0.5 / span_s  # what came in before and after the signal was served
+    assert ("refused at connect" in seen) == expect_refused, seen
+    assert result["rc"] == 0 and result["exit_s"] < drain_s + 20 + 5, result
+    assert "SIGTERM: readiness failing" in server_output(proc, 20000)
+
+
+@pytest.mark.parametrize("env, error", [
+    ({"NIN_DRAIN_SECONDS": "-1"}, "NIN_DRAIN_SECONDS must be >= 0"),
+    ({"NIN_SHUTDOWN_TIMEOUT": "0"}, "NIN_SHUTDOWN_TIMEOUT > 0"),
+    ({"NIN_DRAIN_SECONDS": "soon"}, "bad NIN_* setting"),
+])
+def test_bad_drain_settings_are_one_line(monkeypatch, env, error):
+    from serving.engine import Settings
+    from serving.model_files import ModelLoadError
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ModelLoadError, match=error):
+        Settings.from_env()
