@@ -56,3 +56,52 @@ def test_container_serves_real_predictions(image):
         assert httpx.post(f"{url}/classify", content=b"junk", headers={"Content-Type": "image/png"}, timeout=10).status_code == 400
     finally:
         subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
+
+
+def test_container_runs_as_non_root_with_a_read_only_model_and_drains_on_docker_stop(image, tmp_path):
+    import asyncio
+    import time
+
+    from tests.test_drain import ramp_and_sigterm
+
+    port = free_port()
+    # --network none for the serving side is impossible with a published port; the image's
+    # offline start is what the first test proves (nothing downloads at run time)
+    cid = subprocess.run(["docker", "run", "-d", "-e", "NIN_MAX_QUEUE=10000", "-p", f"127.0.0.1:{port}:3000", image],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, timeout=180)
+        uid = subprocess.run(["docker", "exec", cid, "id", "-u"], capture_output=True, text=True, check=True).stdout.strip()
+        assert uid != "0" and int(uid) > 0
+        model = httpx.get(f"{url}/model", timeout=10).json()["model_folder"]
+        model = subprocess.run(["docker", "exec", cid, "readlink", "-f", model], capture_output=True, text=True,
+                               check=True).stdout.strip()  # the server's path may be relative to its cwd
+        write = subprocess.run(["docker", "exec", cid, "sh", "-c", f"echo x >> {model}/model.int8.onnx"],
+                               capture_output=True, text=True)
+        assert write.returncode != 0 and "Permission denied" in write.stderr
+        owner = subprocess.run(["docker", "exec", cid, "stat", "-c", "%U %A", f"{model}/model.int8.onnx"],
+                               capture_output=True, text=True, check=True).stdout.split()
+        assert owner[0] == "root" and "w" not in owner[1]
+
+        class DockerStop:  # what ramp_and_sigterm signals: `docker stop` sends SIGTERM to PID 1
+            def send_signal(self, sig):
+                self.t0 = time.monotonic()
+                self.proc = subprocess.Popen(["docker", "stop", "-t", "30", cid])
+
+            def wait(self, timeout):
+                return self.proc.wait(timeout)
+
+        result = asyncio.run(ramp_and_sigterm(DockerStop(), url, n=96, span_s=1.3, signal_at_s=0.5))
+        seen = result["outcomes"]
+        assert set(seen) <= {200, "refused at connect"} and seen[200] > 0, seen
+        assert result["readyz_after_signal"] == 503
+        state = subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}} {{.State.OOMKilled}}", cid],
+                               capture_output=True, text=True, check=True).stdout.split()
+        out = subprocess.run(["docker", "logs", cid], capture_output=True, text=True)
+        logs = out.stdout + out.stderr
+        assert "SIGTERM: readiness failing" in logs, logs[-2000:]
+        # exited by itself (not docker's SIGKILL after -t 30) within the drain bound
+        assert result["exit_s"] < 5 + 20 + 5 and state[1] == "false", (result, state)
+    finally:
+        subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
