@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 PORT ?= 3000
 
-.PHONY: setup data serve test test-fast stats container container-run gpu-proof gpu-parts gpu-data
+.PHONY: setup data serve test test-fast stats container container-run gpu-proof gpu-parts gpu-data rollout
 
 # The virtual environment with everything (serving, training, tests); reinstalled when
 # pyproject.toml changes. torch 2.14.1 / torchvision 0.29.1 come from this machine's disk.
@@ -20,11 +20,13 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) data
 
 # From Debian: the real Fashion-MNIST (the four original IDX .gz files), wrk (the benchmark's
-# native load generator), and chromium + chromium-driver (tests/test_browser.py drives the upload
-# page in them). Installed once, as root or through sudo.
+# native load generator), chromium + chromium-driver (tests/test_browser.py drives the upload
+# page in them) and haproxy (the rolling restart, bench/rollout.py). Installed once, as root or
+# through sudo.
 data:
 	@missing=""; [ -f $(FMNIST) ] || missing="dataset-fashion-mnist"; command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
+	command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
 	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq $$missing; \
@@ -68,3 +70,8 @@ gpu-parts: $(STAMP)
 # call carries (carry [".gpu/data"]).
 gpu-data: data
 	mkdir -p .gpu/data && cp /usr/share/datasets/fashion-mnist/*-ubyte.gz .gpu/data/
+
+# A real rolling restart here: two replicas behind haproxy (health check /readyz), c=16, each
+# replica restarted in turn; failures and latency before/during/after (bench/rollout.py).
+rollout: setup
+	$(BIN)/python -m bench.rollout --concurrency 16 --duration 30 --out bench/cpu-2core/rollout

@@ -127,3 +127,20 @@ def test_bad_drain_settings_are_one_line(monkeypatch, env, error):
         monkeypatch.setenv(k, v)
     with pytest.raises(ModelLoadError, match=error):
         Settings.from_env()
+
+
+@pytest.mark.integration
+def test_rolling_restart_behind_haproxy_fails_nothing(served_model):
+    """The short version of `make rollout`: 2 replicas, c=4, each restarted in turn under load."""
+    import shutil as sh
+
+    from bench import rollout
+
+    if sh.which("haproxy") is None:
+        if os.environ.get("CI"):
+            pytest.fail("haproxy is not installed (make setup installs it from Debian)")
+        pytest.skip("haproxy is not installed (make setup installs it from Debian)")
+    s = rollout.run(served_model, concurrency=4, duration=4, drain_s=1, log=lambda m: None)
+    assert s["total"]["failed"] == 0, s
+    assert s["before"]["requests"] > 0 and s["during"]["requests"] > 0 and s["after"]["requests"] > 0
+    assert "| during |" in rollout.markdown(s)
