@@ -61,7 +61,11 @@ build() {
   tag=$("$BIN/bentoml" build -f "$tmp" --output tag 2>/dev/null | tail -1 | sed 's/^__tag__://')
   rm -f "$tmp"
   [ -n "$tag" ] || die "bentoml build failed"
-  DOCKER_BUILDKIT=0 "$BIN/bentoml" containerize "$tag" -t "$IMAGE" >/tmp/nin-containerize.log 2>&1 \
+  # from /: containerize reads deploy/Dockerfile.template out of a temporary export of the bento
+  # and refuses any file outside its working directory
+  local bentoml_bin
+  bentoml_bin=$(cd "$(dirname "$BIN/bentoml")" && pwd)/bentoml
+  (cd / && DOCKER_BUILDKIT=0 "$bentoml_bin" containerize "$tag" -t "$IMAGE") >/tmp/nin-containerize.log 2>&1 \
     || die "containerize failed (see /tmp/nin-containerize.log)"
   echo "$IMAGE"
 }

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -309,7 +310,7 @@ class Engine:
 
     def describe(self) -> dict:
         return {
-            "model_folder": str(self.folder),
+            "model_folder": str(Path(self.folder).resolve()),
             "pid": os.getpid(),
             "variant": self.variant,
             "provider": self.provider,

@@ -75,8 +75,6 @@ def test_container_runs_as_non_root_with_a_read_only_model_and_drains_on_docker_
         uid = subprocess.run(["docker", "exec", cid, "id", "-u"], capture_output=True, text=True, check=True).stdout.strip()
         assert uid != "0" and int(uid) > 0
         model = httpx.get(f"{url}/model", timeout=10).json()["model_folder"]
-        model = subprocess.run(["docker", "exec", cid, "readlink", "-f", model], capture_output=True, text=True,
-                               check=True).stdout.strip()  # the server's path may be relative to its cwd
         write = subprocess.run(["docker", "exec", cid, "sh", "-c", f"echo x >> {model}/model.int8.onnx"],
                                capture_output=True, text=True)
         assert write.returncode != 0 and "Permission denied" in write.stderr
