@@ -93,7 +93,8 @@ def test_container_runs_as_non_root_with_a_read_only_model_and_drains_on_docker_
         result = asyncio.run(ramp_and_sigterm(DockerStop(), url, n=96, span_s=1.3, signal_at_s=0.5))
         seen = result["outcomes"]
         assert set(seen) <= {200, "refused at connect"} and seen[200] > 0, seen
-        assert result["readyz_after_signal"] == 503
+        # `docker stop` is a CLI call through the daemon: the signal lands a little after it starts
+        assert result["readyz_after_signal"] == 503 and result["readyz_failed_after_s"] < 3.0, result
         state = subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}} {{.State.OOMKilled}}", cid],
                                capture_output=True, text=True, check=True).stdout.split()
         out = subprocess.run(["docker", "logs", cid], capture_output=True, text=True)

@@ -81,12 +81,18 @@ async def ramp_and_sigterm(proc, url: str, n: int, span_s: float, signal_at_s: f
     await asyncio.sleep(signal_at_s)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)  # to `bentoml serve` itself, as `docker stop` and the kubelet do
-    await asyncio.sleep(0.2)
-    async with aiohttp.ClientSession() as s, s.get(f"{url}/readyz") as r:
-        readyz = r.status
+    readyz, readyz_s = 200, None  # how soon /readyz fails after the signal was sent
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() - t0 < 5:
+            async with s.get(f"{url}/readyz") as r:
+                if r.status == 503:
+                    readyz, readyz_s = 503, time.monotonic() - t0
+                    break
+            await asyncio.sleep(0.05)
     await asyncio.gather(*tasks)
     rc = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 60)
-    return {"outcomes": Counter(outcomes), "readyz_after_signal": readyz, "exit_s": time.monotonic() - t0, "rc": rc}
+    return {"outcomes": Counter(outcomes), "readyz_after_signal": readyz, "readyz_failed_after_s": readyz_s,
+            "exit_s": time.monotonic() - t0, "rc": rc}
 
 
 @pytest.mark.integration
@@ -106,7 +112,7 @@ def test_sigterm_mid_ramp_answers_every_request_it_accepted(served_model, drain_
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     seen = result["outcomes"]
-    assert result["readyz_after_signal"] == 503
+    assert result["readyz_after_signal"] == 503 and result["readyz_failed_after_s"] < 1.0, result
     assert set(seen) <= {200, "refused at connect"}, (seen, server_output(proc))
     assert seen[200] > n * 0.5 * 0.5 / span_s  # what came in before and after the signal was served
     assert ("refused at connect" in seen) == expect_refused, seen
