@@ -124,9 +124,26 @@ def test_rerun_resumes_and_an_arm_reproduces_its_record(smoke_report, tmp_path):
     assert again == arm
 
 
+def test_retime_remeasures_every_finished_arm(smoke_report):
+    rc = experiments_main(["--budget", "smoke", "--retime", "--out", str(smoke_report)])
+    assert rc == 0
+    records = [json.loads(f.read_text()) for f in (smoke_report / "smoke" / "arms").glob("*.json")]
+    assert all(r["ort_retimed"] for r in records if "arm" in r and not r["diverged"])
+    assert "re-timed one arm after another" in (smoke_report / "README.md").read_text()
+
+
 def test_cli_errors_are_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "training.experiments", "--budget", "cpu", "--data-dir",
                         str(tmp_path / "nope"), "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: --data-dir") and len(r.stderr.strip().splitlines()) == 1
     r = subprocess.run([sys.executable, "-m", "training.experiments", "--budget", "huge"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_onnxruntime_latency_of_an_arm_is_measured_on_its_own_export():
+    from training.experiments.runner import ort_ms_per_image
+
+    cfg = NiNConfig(image_size=72, num_1x1=1, head_width=16)
+    ms = ort_ms_per_image(NiN(cfg), cfg, runs=5)
+    assert isinstance(ms, float) and 0 < ms < 1000
+    assert ort_ms_per_image(NiN(cfg), cfg, runs=0) is None

@@ -29,6 +29,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", action="store_true", help="a tiny synthetic set instead of Fashion-MNIST (tests)")
     p.add_argument("--fresh", action="store_true", help="rerun every arm, even those already done")
     p.add_argument("--report-only", action="store_true", help="write the report from the arms already done")
+    p.add_argument("--retime", action="store_true",
+                   help="re-measure the onnxruntime CPU ms/img of every finished arm (on a quiet machine), then report")
     p.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # internal: one arm, in this process
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # tests: no child processes
     return p
@@ -132,11 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.arm:
             return run_one(args, budget)
-        if not args.synthetic and not args.report_only:
+        if not args.synthetic and not args.report_only and not args.retime:
             from training.data import find_data_root
 
             find_data_root(args.data_dir, allow_download=False)  # fail in one line before any child starts
-        rc = 0 if args.report_only else run_grid(args, budget)
+        if args.retime:
+            from training.experiments.runner import retime
+
+            print(f"re-timed {retime(arms_folder(Path(args.out), budget.name), budget)} arms")
+        rc = 0 if args.report_only or args.retime else run_grid(args, budget)
         from training.experiments.report import write_report
 
         path = write_report(Path(args.out))

@@ -27,8 +27,8 @@ class Budget:
     seed: int = 0
 
     def describe(self) -> str:
-        train = f"{self.train_images:,}-image class-balanced subset" if self.train_images else "all 60,000"
-        test = f"first {self.test_images:,}" if self.test_images else "all 10,000"
+        train = f"a class-balanced subset of {self.train_images:,}" if self.train_images else "all 60,000"
+        test = f"the first {self.test_images:,}" if self.test_images else "all 10,000"
         return (f"`--budget {self.name}`: {self.image_size}x{self.image_size} inputs, {train} training images, "
                 f"{test} test images, batch {self.batch_size}, {self.epochs} epochs per structural arm, "
                 f"{self.sweep_epochs} per learning-rate arm, {self.range_steps}-step range tests, seed {self.seed}")

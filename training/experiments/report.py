@@ -184,8 +184,8 @@ def section_one_by_one(rec: dict, folder: Path, rel: str) -> list[str]:
                    f"multiply-adds {by_n[3]['macs'] / by_n[0]['macs']:.2f}x, and training slows from "
                    f"{by_n[0]['img_per_s']:.0f} to {by_n[3]['img_per_s']:.0f} img/s")
     answer += (". A 1x1 convolution is a per-pixel fully connected layer: it adds non-linearity across channels "
-               "at a cost that does not grow with the kernel size. Differences of a few tenths of a point are "
-               "within one seed's noise at this budget.")
+               "at a cost that does not grow with the kernel size. Each arm is one seed: the report does not "
+               "measure the seed-to-seed spread, so small differences are not evidence.")
     return lines + ["", answer, "", f"![1x1 arms]({rel}/{plot})", ""]
 
 
@@ -326,7 +326,15 @@ def write_report(out: Path) -> Path:
         budget = BUDGETS[name]
         hardware = sorted({r["hardware"] for r in [*rec["arms"].values(), *rec["ranges"].values()]})
         data = sorted({r.get("data", "?") for r in rec["arms"].values()})
-        lines += [f"## Budget `{name}` on {', '.join(hardware)}", "", budget.describe() + f"; data: {', '.join(data)}.", ""]
+        retimed = all(r.get("ort_retimed") for r in rec["arms"].values() if not r.get("diverged"))
+        lines += [f"## Budget `{name}` on {', '.join(hardware)}", "", budget.describe() + f"; data: {', '.join(data)}.", "",
+                  "Wall times: *train img/s* was measured while each arm trained at `nice 19` beside other work on "
+                  "the same cores, so it is noisy; *ORT CPU ms/img* is the median of "
+                  f"{budget.ort_runs} batch-1 runs of the arm's ONNX export"
+                  + (", re-timed one arm after another on a quiet machine (`--retime`; it depends on the "
+                     "architecture, not the weights)." if retimed else ", timed right after the arm trained.")
+                  + " *Peak memory* is the arm's whole process (torch, the data, the model). Params and "
+                  "multiply-adds are exact (training/resources.py).", ""]
         folder = out / name
         for section in (section_one_by_one, section_head, section_lr):
             lines += section(rec, folder, name)
