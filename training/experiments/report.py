@@ -294,9 +294,13 @@ def section_lr(rec: dict, folder: Path, rel: str) -> list[str]:
         answer += (f"Why plain SGD stalls: at initialisation its ten class scores differ by {d2l_spread:.3g} on average "
                    f"(BatchNorm network: {bn_spread:.3g}) -- after twelve Xavier-initialised convolutions, each ReLU "
                    f"halving the signal's variance, the prediction is uniform, the loss is ln 10 = 2.3026 and the "
-                   f"gradient reaching the early layers is as small as the signal. A small lr cannot get out in this "
-                   f"budget; a large one can, or overshoots. BatchNorm rescales every layer's output to unit variance, "
-                   f"so the scores start apart and the gradient flows at any lr in the sweep. ")
+                   f"gradient reaching the early layers is as small as the signal. ")
+        escaped = groups["d2l"]["learns"]
+        answer += (f"In this budget plain SGD got out at lr {lrs(escaped)} only. " if escaped else
+                   "No lr in the sweep got plain SGD out within this budget (the textbook trains 10 epochs on all "
+                   "the data at 224 px: the GPU budget measures that). ")
+        answer += ("BatchNorm rescales every layer's output to unit variance, so the scores start apart and the "
+                   f"gradient flows: it learned at lr {lrs(groups['strong']['learns'])}. ")
     answer += ("To pick an lr: run the range test (`python -m training --lr-find`), start near its suggestion, "
                "and watch the first epoch's loss: flat at 2.3026 means stalled, not slow.")
     return lines + ["", answer, "", f"![range tests]({rel}/{p1})", "", f"![sweep]({rel}/{p2})", ""]
