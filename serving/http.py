@@ -121,9 +121,9 @@ def multipart_error(err: MultiPartException, max_files: int) -> InputError:
     return InputError(400, "bad_multipart", str(err))
 
 
-async def uploads(request: Request, settings, field: str, max_files: int) -> list[bytes]:
-    """The image bytes of a request: the multipart fields named `field`, or the raw body."""
-    e = settings
+async def uploads(request: Request, e, field: str, max_files: int) -> list[bytes]:
+    """The image bytes of a request: the multipart fields named `field`, or the raw body; `e`
+    holds the engine's settings (byte cap)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not ctype.startswith("multipart/form-data") and not ctype.startswith(RAW_TYPES):
         raise InputError(415, "unsupported_media_type",

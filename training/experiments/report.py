@@ -310,7 +310,7 @@ def section_floor(out: Path) -> list[str]:
     from training.experiments.floor import conv_probe, measured_coverage, nin_first_layers, rows_read
 
     coverage = measured_coverage(conv_probe(11, 4, 0), 224)
-    plot = plot_floor(coverage.tolist() and coverage.numpy(), out / "floor.png")
+    plot = plot_floor(coverage.numpy(), out / "floor.png")
     lines = ["## Floor rounding: which rows are dropped, and which pixels each output reads", "",
              "| layer | input | out = floor((in + 2p - k)/s) + 1 | output | input rows never read |", "|---|---|---|---|---|"]
     for row in nin_first_layers(224):
