@@ -117,8 +117,14 @@ def as_uploads(images_u8: np.ndarray, size: int) -> list[Image.Image]:
 
 def normalize(images: list[Image.Image] | list[np.ndarray], contract: dict) -> np.ndarray:
     """8-bit grayscale images -> float32 (N, 1, H, W): pixel * scale, then (x - mean) / std."""
-    a = np.stack([np.asarray(i, dtype=np.float32) for i in images])[:, None]
-    return ((a * np.float32(contract["scale"]) - np.float32(contract["mean"])) / np.float32(contract["std"])).astype(np.float32)
+    first = np.asarray(images[0])
+    a = np.empty((len(images), 1, *first.shape), np.float32)
+    for i, img in enumerate(images):  # uint8 -> float32 in place: no temporaries
+        a[i, 0] = first if i == 0 else np.asarray(img)
+    a *= np.float32(contract["scale"])
+    a -= np.float32(contract["mean"])
+    a /= np.float32(contract["std"])
+    return a
 
 
 def softmax_top_k(logits: np.ndarray, class_names: list[str], k: int) -> list[dict]:

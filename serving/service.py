@@ -93,22 +93,24 @@ class NiNClassifier:
         return self.engine.ready.is_set() and not self.drain.draining.is_set()
 
     # The typed endpoints: what bentoml.SyncHTTPClient(url).classify(image=Path("shoe.png")) calls.
-    # BentoML reads these bodies (multipart only; http.ApiGuard caps and checks them first); the
+    # BentoML reads these bodies (multipart only; http.Edge caps and checks them first); the
     # JSON answer, and every refusal's 4xx {"error", "detail"}, are /classify's.
     @bentoml.api(route="/api/classify")
     async def classify(self, image: Path, top_k: int = 3) -> Classification:
         """Classify one image file: the same answer as POST /classify. Refusals are 4xx/503 with
         {"error", "detail"}."""
-        status, body = await http.classify_files(self.state, [image.read_bytes()], True, top_k, time.perf_counter())
-        return JSONResponse(body, status_code=status)
+        status, body, headers = await http.classify_files(self.state, [image.read_bytes()], True, top_k,
+                                                          time.perf_counter())
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @bentoml.api(route="/api/classify_batch")
     async def classify_batch(self, images: list[Path], top_k: int = 3) -> BatchClassification:
         """Classify several image files in one call: the same answer as POST /classify_batch."""
-        status, body = await http.classify_files(self.state, [p.read_bytes() for p in images], False, top_k,
-                                                 time.perf_counter())
-        return JSONResponse(body, status_code=status)
+        status, body, headers = await http.classify_files(self.state, [p.read_bytes() for p in images], False,
+                                                          top_k, time.perf_counter())
+        return JSONResponse(body, status_code=status, headers=headers)
 
 
 _settings = Settings.from_env()
-NiNClassifier.add_asgi_middleware(http.ApiGuard, max_bytes=_settings.max_bytes, max_files=_settings.max_batch_images)
+NiNClassifier.add_asgi_middleware(http.Edge, max_bytes=_settings.max_bytes, max_files=_settings.max_batch_images,
+                                  routes_app=app)

@@ -144,6 +144,62 @@ def test_routes_wait_for_warm_up_on_their_own_app_and_engine(served_model):
     assert http.make_app().state._state.get("nin") is None  # another app shares nothing
 
 
+def test_edge_answers_classify_directly_as_the_fastapi_routes_would(served_model, monkeypatch):
+    """http.Edge serves POST /classify* itself (skipping the inner ASGI stack): same status and
+    JSON as the FastAPI routes for good and bad requests, other methods and paths pass through,
+    and a failure inside is a JSON 500, not a dropped connection."""
+    from serving import http
+
+    app, engine = http.make_app(), Engine(Settings(model=str(served_model), max_batch_size=4, lanes=0))
+    state = http.ServiceState(engine)
+    http.attach(app, state)
+    engine.warm_up()
+    state.arm_admission()
+    passed = []
+
+    async def inner(scope, receive, send):  # the stack behind the edge: the FastAPI app, counted
+        if scope["type"] == "http":
+            passed.append((scope["method"], scope["path"]))
+        await app(scope, receive, send)
+
+    edge = http.Edge(inner, max_bytes=2**20, max_files=engine.settings.max_batch_images, routes_app=app)
+
+    async def both(scope, receive, send):  # one event loop for both (the batcher lives on one): /plain/* skips the edge
+        if scope["type"] == "http" and scope["path"].startswith("/plain/"):
+            return await app({**scope, "path": scope["path"][len("/plain"):]}, receive, send)
+        await edge(scope, receive, send)
+
+    png = image_png()
+    requests = [
+        ("/classify?top_k=2", dict(files={"image": ("a.png", png, "image/png")})),
+        ("/classify", dict(content=png, headers={"Content-Type": "image/png"})),
+        ("/classify_batch", dict(files=[("images", ("a.png", png, "image/png")), ("images", ("b.png", image_png(1), "image/png"))])),
+        ("/classify?top_k=11", dict(content=png, headers={"Content-Type": "image/png"})),
+        ("/classify", dict(content=b"not an image", headers={"Content-Type": "image/png"})),
+        ("/classify", dict(files={"file": ("a.png", png, "image/png")})),
+        ("/classify", dict(content=png, headers={"Content-Type": "text/plain"})),
+    ]
+    with TestClient(both) as direct:
+        for url, kwargs in requests:
+            a, b = direct.post("/plain" + url, **kwargs), direct.post(url, **kwargs)
+            assert a.status_code == b.status_code, url
+            ja, jb = a.json(), b.json()
+            for j in (ja, jb):
+                j.pop("timing_ms", None), j.pop("memory", None)
+            assert ja == jb, url
+        assert passed == []  # every POST above was answered at the edge
+        assert direct.get("/classify").status_code == 405 and direct.get("/model").json()["variant"] == "int8"
+        assert passed == [("GET", "/classify"), ("GET", "/model")]
+
+        async def broken(*args, **kwargs):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(http, "infer", broken)
+        r = direct.post("/classify", content=png, headers={"Content-Type": "image/png"})
+        assert r.status_code == 500 and r.json()["error"] == "internal_error"
+        assert state.admission.in_system == 0  # the failed request left the admission count
+
+
 def test_throughput_lanes_give_the_latency_lane_s_logits(served_model):
     """Single-threaded lane sessions serve the same file: same logits as the latency lane; on
     one core or with NIN_LANES=0 there are none."""
