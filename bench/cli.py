@@ -13,7 +13,7 @@ import httpx
 
 from bench.baselines import ort_baseline, torch_baseline
 from bench.images import real_test_pngs
-from bench.load import have_wrk, load_level, soak, wrk_level
+from bench.load import combine_rounds, have_wrk, load_level, soak, wrk_level
 from bench.report import markdown, plot, targets
 from bench.servers import ROOT, Server
 from serving import imaging
@@ -62,19 +62,52 @@ def settle(server_url: str, timeout: float = 15.0) -> None:
     raise RuntimeError(f"{server_url} still busy {timeout:g} s after a level ended")
 
 
-def measure(server_url: str, pngs: list[bytes], python_levels: list[int], native_levels: list[int], duration: float) -> dict:
-    out: dict = {"python": {}, "native": {}}
-    asyncio.run(load_level(server_url, pngs, 1, 2.0, None))  # warm-up: connections, first requests
-    for c in python_levels:
-        settle(server_url)
-        print(f"  python client, concurrency {c} for {duration:g} s ...", flush=True)
-        out["python"][str(c)] = asyncio.run(load_level(server_url, pngs, c, duration, None))
-        print("   ", {k: out["python"][str(c)][k] for k in ("throughput_img_s", "p50", "p99", "errors")}, flush=True)
-    for c in native_levels:
-        settle(server_url)
-        print(f"  wrk, concurrency {c} for {duration:g} s ...", flush=True)
-        out["native"][str(c)] = wrk_level(server_url, pngs[0], c, duration)
-        print("   ", {k: out["native"][str(c)][k] for k in ("throughput_img_s", "p50", "p99", "errors")}, flush=True)
+def warm(server_url: str, pngs: list[bytes]) -> None:
+    asyncio.run(load_level(server_url, pngs, 1, 2.0, None))  # connections, first requests
+
+
+def run_level(client: str, server_url: str, pngs: list[bytes], c: int, duration: float) -> dict:
+    if client == "python":
+        return asyncio.run(load_level(server_url, pngs, c, duration, None))
+    return wrk_level(server_url, pngs[0], c, duration)
+
+
+def measure(server_url: str, pngs: list[bytes], python_levels: list[int], native_levels: list[int], duration: float,
+            done: dict | None = None) -> dict:
+    """Every level not already in `done` ({"python": {...}, "native": {...}}), one after another."""
+    out: dict = done or {"python": {}, "native": {}}
+    for client, levels in (("python", python_levels), ("native", native_levels)):
+        for c in levels:
+            if str(c) in out[client]:
+                continue
+            settle(server_url)
+            print(f"  {'wrk' if client == 'native' else 'python client'}, concurrency {c} for {duration:g} s ...", flush=True)
+            out[client][str(c)] = run_level(client, server_url, pngs, c, duration)
+            print("   ", {k: out[client][str(c)][k] for k in ("throughput_img_s", "p50", "p99", "errors")}, flush=True)
+    return out
+
+
+C1_ROUNDS = 5
+
+
+def interleaved_c1(urls: dict[str, str], pngs: list[bytes], clients: list[str], duration: float) -> dict:
+    """c=1 for every server, in `rounds` short rounds that alternate between them (ABBA...):
+    a single-request latency difference of a fraction of a millisecond is smaller than this VM's
+    drift over a minute, so servers measured one after the other compare the minute, not the
+    server. Each server gets `duration` seconds in all; combine_rounds() merges its rounds."""
+    rounds = max(1, min(C1_ROUNDS, int(duration)))  # rounds of whole seconds (wrk takes no fractions)
+    per = {kind: {"python": [], "native": []} for kind in urls}
+    for client in clients:
+        print(f"  c=1, {' and '.join(urls)} alternating, {rounds} rounds of {duration / rounds:g} s, "
+              f"{'wrk' if client == 'native' else 'python client'} ...", flush=True)
+        for r in range(rounds):
+            for kind in (list(urls) if r % 2 == 0 else list(urls)[::-1]):
+                per[kind][client].append(run_level(client, urls[kind], pngs, 1, duration / rounds))
+    out = {kind: {"python": {}, "native": {}} for kind in urls}
+    for kind in urls:
+        for client in clients:
+            out[kind][client]["1"] = combine_rounds(per[kind][client])
+            print(f"    {kind}:", {k: out[kind][client]["1"][k] for k in ("throughput_img_s", "p50", "p99", "errors")}, flush=True)
     return out
 
 
@@ -122,24 +155,33 @@ def main(argv: list[str] | None = None) -> int:
     result["baselines"]["torch"] = torch_baseline(folder, x)
 
     for v in variants:
-        for kind in kinds:
-            server = None if args.url else Server(kind, str(folder), v)
-            url = args.url or server.url
-            try:
+        servers: dict[str, Server | None] = {}
+        try:
+            for kind in kinds:
+                servers[kind] = None if args.url else Server(kind, str(folder), v)
+            urls = {kind: args.url or servers[kind].url for kind in kinds}
+            for url in urls.values():
+                warm(url, pngs)
+            c1_clients = [c for c, levels in (("python", python_levels), ("native", native_levels)) if 1 in levels]
+            done = (interleaved_c1(urls, pngs, c1_clients, args.duration) if len(urls) > 1 and c1_clients
+                    else {kind: None for kind in urls})
+            for kind, url in urls.items():
+                server = servers[kind]
                 print(f"{kind} {v}:", flush=True)
                 run = {"kind": kind, "variant": v, "provider": "CPUExecutionProvider"}
                 if kind == "service":
                     info = httpx.get(f"{url}/model", timeout=10).json()
                     run["provider"] = info["provider"]
                     run["latency_budget_ms"] = info.get("limits", {}).get("latency_budget_ms")
-                run.update(measure(url, pngs, python_levels, native_levels, args.duration))
+                run.update(measure(url, pngs, python_levels, native_levels, args.duration, done[kind]))
                 result["runs"][f"{kind}-{v}"] = run
                 if args.soak and kind == "service" and v == variants[0]:
                     settle(url)
                     print(f"soak: {args.soak:,} requests ...", flush=True)
                     pid = server.worker_pid() if server else httpx.get(f"{url}/model", timeout=10).json()["pid"]
                     result["soak"] = asyncio.run(soak(url, pngs, args.soak, 16, pid))
-            finally:
+        finally:
+            for server in servers.values():
                 if server:
                     server.close()
     result["targets"] = targets(result)

@@ -77,6 +77,32 @@ def summarize(latencies_ms: list[float], errors: Counter, seconds: float, server
     }
 
 
+def combine_rounds(rounds: list[dict]) -> dict:
+    """One level measured in several short rounds as one result: counts and seconds summed,
+    percentiles the median of the rounds' (wrk reports percentiles, not latencies), max the
+    max, the server's timings averaged over its answers, memory the highest."""
+    out = dict(rounds[0])
+    n, seconds = sum(r["requests"] for r in rounds), sum(r["seconds"] for r in rounds)
+    errors, rejected = sum(r["errors"] for r in rounds), sum(r["rejected_503"] for r in rounds)
+    kinds: Counter = Counter()
+    for r in rounds:
+        kinds.update(r["error_kinds"])
+    out.update(requests=n, errors=errors, error_kinds=dict(kinds), rejected_503=rejected, rounds=len(rounds),
+               rejected_share=round(rejected / (n + errors), 4) if n + errors else 0.0, seconds=round(seconds, 2),
+               throughput_img_s=round(n / seconds, 1) if seconds else 0.0,
+               max=max(r["max"] for r in rounds), client_cpu_cores=round(float(np.mean([r["client_cpu_cores"] for r in rounds])), 2))
+    for key in ("p50", "p90", "p95", "p99", "mean"):
+        if key in out:
+            out[key] = round(float(np.median([r[key] for r in rounds])), 2)
+    for key in ("server_queue_ms", "server_inference_ms", "server_total_ms", "mean_batch_size"):
+        if out.get(key) is not None:
+            out[key] = round(sum(r[key] * r["requests"] for r in rounds) / n, 3) if n else None
+    for key in ("peak_rss_mb", "gpu_mb"):
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        out[key] = max(values) if values else None
+    return out
+
+
 async def load_level(url: str, pngs: list[bytes], concurrency: int, duration: float | None, count: int | None) -> dict:
     """`concurrency` clients, each sending the next image as soon as the last answer came, for
     `duration` seconds or `count` requests in all. aiohttp with bodies built beforehand: 0.08-0.18
@@ -187,7 +213,7 @@ def have_wrk() -> bool:
 
 def wrk_level(url: str, png: bytes, concurrency: int, duration: float, timeout_s: float = 10.0) -> dict:
     """wrk (one thread, `concurrency` keep-alive connections) posting one prebuilt multipart
-    body to /classify for `duration` seconds; after a 503 one request waits its Retry-After.
+    body to /classify for `duration` seconds (whole seconds: wrk takes no fractions); after a 503 one request waits its Retry-After.
     Latencies are over every answer, 503s included; the share of 503s is reported beside them."""
     if not have_wrk():
         raise RuntimeError("wrk is not installed (apt-get install wrk)")
@@ -195,7 +221,7 @@ def wrk_level(url: str, png: bytes, concurrency: int, duration: float, timeout_s
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "body").write_bytes(body)
         (Path(tmp) / "post.lua").write_text(WRK_SCRIPT)
-        cmd = ["wrk", "-t", "1", "-c", str(concurrency), "-d", f"{duration:g}s", "--timeout", f"{timeout_s:g}s",
+        cmd = ["wrk", "-t", "1", "-c", str(concurrency), "-d", f"{max(1, round(duration))}s", "--timeout", f"{timeout_s:g}s",
                "-s", str(Path(tmp) / "post.lua"), f"{url}/classify"]
         cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60,

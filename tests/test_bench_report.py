@@ -4,7 +4,7 @@ from collections import Counter
 
 import httpx
 
-from bench.load import error_kind, summarize
+from bench.load import combine_rounds, error_kind, summarize
 from bench.report import markdown
 
 
@@ -25,3 +25,21 @@ def test_failed_requests_are_reported_by_kind():
     page = markdown(result)
     assert "| 64 | python | 3.0 |" in page
     assert '- python c=64: 2 x HTTP 503: {"error":"overloaded"}' in page and "- python c=64: 1 x ReadTimeout: timed out" in page
+
+
+def test_rounds_combine_into_one_level():
+    """c=1 runs in short interleaved rounds: counts add up, percentiles are the rounds' median,
+    the server's timings are averaged over every answer, memory is the highest."""
+    def server(inference, rss):
+        return [{"timing_ms": {"queue": 0.1, "inference": inference, "total": inference + 2}, "batch_size": 1,
+                 "memory": {"peak_rss_mb": rss}}]
+
+    rounds = [{**summarize(lat, Counter(errs), 1.0, server(inf, rss) * len(lat)), "client": "python", "client_cpu_cores": 0.1}
+              for lat, errs, inf, rss in (([9.0, 10.0], {}, 6.0, 200.0), ([20.0], {"HTTP 503": 1}, 9.0, 210.0),
+                                          ([8.0, 8.0, 8.0], {}, 5.0, 190.0))]
+    level = combine_rounds(rounds)
+    assert level["requests"] == 6 and level["errors"] == 1 and level["rejected_503"] == 1 and level["rounds"] == 3
+    assert level["seconds"] == 3.0 and level["throughput_img_s"] == 2.0 and level["rejected_share"] == round(1 / 7, 4)
+    assert level["p50"] == 9.5 and level["max"] == 20.0  # median of 9.5, 20, 8; the highest single answer
+    assert level["server_inference_ms"] == round((6 * 2 + 9 + 5 * 3) / 6, 3) and level["peak_rss_mb"] == 210.0
+    assert level["error_kinds"] == {"HTTP 503": 1} and rounds[0]["requests"] == 2  # the rounds are left as they were

@@ -166,6 +166,22 @@ def test_past_the_bound_503_with_retry_after_below_it_all_200(served_model):
         stop_server(proc)
 
 
+@REAL_DATA
+def test_bench_alternates_servers_at_c1(server):
+    """interleaved_c1 measures each server in alternating rounds and merges each one's rounds
+    (here the same service under two names, so the plumbing is what is tested)."""
+    from bench.cli import interleaved_c1
+    from bench.images import real_test_pngs
+
+    pngs, _ = real_test_pngs(4)
+    out = interleaved_c1({"service": server, "reference": server}, pngs, ["python", "native"], 2)
+    for kind in ("service", "reference"):
+        for client in ("python", "native"):
+            level = out[kind][client]["1"]
+            assert level["rounds"] == 2 and level["requests"] > 0 and level["errors"] == 0
+            assert 1.5 < level["seconds"] < 4 and level["p50"] <= level["max"]
+
+
 def test_the_benchmark_reference_server_gives_the_service_s_answer(server, served_model):
     """bench/reference.py (the hand-written FastAPI server the benchmark compares against)
     serves the same model with the same preprocessing: same class, same probabilities."""
