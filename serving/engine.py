@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from serving import model_files
 from serving.admission import bound_from_budget
-from serving.procfs import read_status_kb, reset_peak_rss
+from serving.procfs import PeakRss
 from serving.model_files import ModelLoadError
 
 log = logging.getLogger("serving")
@@ -174,7 +174,7 @@ class Engine:
         self.session, self.provider = self._open_session()
         self.input_name = self.session.get_inputs()[0].name
         self.lane_sessions = self._open_lanes()
-        self._rss_lock, self._running = threading.Lock(), 0
+        self._rss_lock, self._running, self._peak = threading.Lock(), 0, PeakRss()
         self.gpu = self._gpu_probe()
         self.ready = threading.Event()
         self.warmup_ms: dict[int, float] = {}
@@ -295,7 +295,7 @@ class Engine:
         side by side it is the peak since the first of them started (never an undercount)."""
         with self._rss_lock:
             if self._running == 0:
-                reset_peak_rss()
+                self._peak.reset()
             self._running += 1
         try:
             session = self.session if lane is None else self.lane_sessions[lane]
@@ -303,7 +303,7 @@ class Engine:
         finally:
             with self._rss_lock:
                 self._running -= 1
-        info = {"peak_rss_mb": round((read_status_kb("VmHWM") or 0) / 1024, 1), "lane": "latency" if lane is None else lane}
+        info = {"peak_rss_mb": round((self._peak.read_kb() or 0) / 1024, 1), "lane": "latency" if lane is None else lane}
         if self.gpu is not None:
             info["gpu_mb"] = self.gpu.used_mb()  # the sampler's latest figure: no NVML call here
         return logits, info

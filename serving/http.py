@@ -58,8 +58,10 @@ class ServiceState:
             PEAK_RSS.set(info["peak_rss_mb"] * 2**20)
             return logits, info
 
+        # on CPUs with throughput lanes a lone image runs inline (serving/batching.py); a GPU's
+        # one lane keeps its thread, so the event loop never waits on a device
         self.batcher = MicroBatcher(run, engine.settings.max_batch_size, engine.settings.max_wait_ms,
-                                    lanes=len(engine.lane_sessions))
+                                    lanes=len(engine.lane_sessions), inline_single=bool(engine.lane_sessions))
         self.admission = Admission(max_batch_size=engine.settings.max_batch_size)
 
     def arm_admission(self) -> None:

@@ -51,6 +51,25 @@ def test_a_lone_request_takes_the_latency_lane():
     assert [lane for lane, *_ in model.runs] == [None] * 5 and all(r.batch_size == 1 for r in results)
 
 
+@pytest.mark.parametrize("inline", [True, False])
+def test_a_lone_image_runs_on_the_event_loop_s_thread_only_when_asked(inline):
+    """inline_single: a lone image runs on the loop's thread (no hand-off); overlapping work
+    still goes to the lanes' threads; without it every batch runs off the loop."""
+    model, threads = FakeModel(ms=5), []
+
+    def run(x, lane):
+        threads.append((lane, len(x), threading.get_ident()))
+        return model(x, lane)
+
+    loop_thread = threading.get_ident()  # asyncio.run runs the loop here
+    run_clients(MicroBatcher(run, 8, 0, lanes=2, inline_single=inline), 1, 3)
+    assert [(lane, t == loop_thread) for lane, _, t in threads] == [(None, inline)] * 3
+    threads.clear()
+    run_clients(MicroBatcher(run, 8, 0, lanes=2, inline_single=inline), 8, 3)
+    assert all(t != loop_thread for lane, n, t in threads if lane is not None or n > 1)
+    assert any(lane is not None for lane, _, _ in threads)
+
+
 def test_overlapping_requests_go_to_the_throughput_lanes_side_by_side():
     model = FakeModel()
     results = run_clients(MicroBatcher(model, 8, 0, lanes=2), 16, 6)

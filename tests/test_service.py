@@ -212,3 +212,20 @@ def test_throughput_lanes_give_the_latency_lane_s_logits(served_model):
         np.testing.assert_allclose(logits, fast, rtol=1e-5, atol=1e-5)
         assert lane_info["lane"] == lane and info["lane"] == "latency"
     assert Engine(Settings(model=str(served_model), lanes=0)).lane_sessions == []
+
+
+def test_peak_rss_handles_reset_and_read_like_proc():
+    """serving.procfs.PeakRss (kept-open /proc handles, per batch) reads what /proc/self/status
+    says and its reset brings the peak back down to the current RSS."""
+    from serving.procfs import PeakRss, read_status_kb
+
+    peak = PeakRss()
+    try:
+        big = np.ones(150 * 2**20 // 8)  # 150 MB touched, then freed
+        del big
+        assert peak.read_kb() == read_status_kb("VmHWM")
+        high = peak.read_kb()
+        peak.reset()
+        assert peak.read_kb() < high - 100 * 1024 and peak.read_kb() == read_status_kb("VmHWM")
+    finally:
+        peak.close()
