@@ -3,10 +3,13 @@
 Under sustained overload an unbounded queue makes every request wait longer and says nothing.
 With the bound, a request that would push the service past it is refused at once with 503,
 `Retry-After` and a JSON body; the ones admitted are answered within the latency budget. The
-default bound comes from the measured time of a full batch: as many full batches as fit in half
-the budget. Half, because under load the service drains at about 0.7 of the model's in-process
-rate (HTTP and decoding share the 2 cores: measured 125-148 img/s against ~195 for int8), and a
-request also needs its own batch after the queue ahead of it.
+default bound comes from the measured time of a full batch: as many full batches as fit in 40 %
+of the budget. Not more, because under load the service drains at about 0.75 of the model's
+in-process rate (HTTP and decoding share the 2 cores: measured 125-158 img/s against ~185-200
+for int8), a request also needs its own batch after the queue ahead of it, and under overload the
+HTTP layer adds its own wait. Measured at c=256 on 2 cores with a 500 ms budget (int8, warm-up
+batch of 16 timed at 80-90 ms): a bound of 3 batches (48 images, from half the budget when the
+warm-up timed < 83 ms) gave an admitted p99 of 532 ms; 2 batches (32) gave 451-465 ms.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ import math
 
 def bound_from_budget(budget_ms: float, full_batch_ms: float, max_batch_size: int) -> int:
     """Images that can wait and still be answered within `budget_ms`: whole batches of
-    `max_batch_size` taking `full_batch_ms` each, in half the budget; at least one batch."""
+    `max_batch_size` taking `full_batch_ms` each, in 40 % of the budget; at least one batch."""
     if budget_ms <= 0 or full_batch_ms <= 0 or max_batch_size < 1:
         raise ValueError(f"bad bound inputs: budget {budget_ms} ms, batch {full_batch_ms} ms, size {max_batch_size}")
-    return max(1, math.floor(0.5 * budget_ms / full_batch_ms)) * max_batch_size
+    return max(1, math.floor(0.4 * budget_ms / full_batch_ms)) * max_batch_size
 
 
 class Admission:
