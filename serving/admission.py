@@ -7,9 +7,11 @@ default bound comes from the measured time of a full batch: as many full batches
 of the budget. Not more, because under load the service drains at about 0.75 of the model's
 in-process rate (HTTP and decoding share the 2 cores: measured 125-158 img/s against ~185-200
 for int8), a request also needs its own batch after the queue ahead of it, and under overload the
-HTTP layer adds its own wait. Measured at c=256 on 2 cores with a 500 ms budget (int8, warm-up
-batch of 16 timed at 80-90 ms): a bound of 3 batches (48 images, from half the budget when the
-warm-up timed < 83 ms) gave an admitted p99 of 532 ms; 2 batches (32) gave 451-465 ms.
+HTTP layer adds its own wait. With half the budget, warm-up noise alone (a batch of 16 timed at 80
+or 90 ms) made the int8 bound 48 or 32 images from one start to the next; 40 % gives 32 for both.
+What the bound does not set is the tail at c=256: at 16, 32 and 48 images the admitted p99 on
+2 cores measured 531-697, 451-604 and 532 ms, while the handler's own time fell from ~220 to
+~130 ms at 16 (README "Benchmark").
 """
 
 from __future__ import annotations
