@@ -11,13 +11,10 @@ import numpy as np
 
 def ort_baseline(path: Path, x: np.ndarray, batches=(1, 8, 16, 32, 64), repeats: int = 3, provider: str = "cpu") -> dict:
     """onnxruntime with its default settings (threads on every core, spinning on)."""
-    import onnxruntime as ort
+    from export.variants import cpu_session, cuda_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    providers = (["CUDAExecutionProvider"] if provider == "cuda" else []) + ["CPUExecutionProvider"]
-    s = ort.InferenceSession(str(path), opts, providers=providers)
-    if provider == "cuda" and s.get_providers()[0] != "CUDAExecutionProvider":
+    s = cuda_session(path) if provider == "cuda" else cpu_session(path)
+    if s is None:
         raise RuntimeError("--provider cuda: onnxruntime's CUDA execution provider did not start")
     name = s.get_inputs()[0].name
     out = {}

@@ -343,28 +343,20 @@ class Edge:
         field = self.routes.get(path)
         if field is None:
             return await self.app(scope, receive, send)
-        messages, size = [], 0
-        try:
-            declared = Headers(scope=scope).get("content-length", "")
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                raise InputError(413, "body_too_large", f"{int(declared):,} bytes declared; the limit is {self.max_bytes:,}")
-            while True:  # read up to the cap, keeping the messages to hand on
-                message = await receive()
-                messages.append(message)
-                if message["type"] != "http.request":
-                    raise InputError(400, "client_disconnected", "the body ended early")
-                size += len(message.get("body", b""))
-                if size > self.max_bytes:
-                    raise InputError(413, "body_too_large", f"more than {self.max_bytes:,} bytes; the limit is {self.max_bytes:,}")
-                if not message.get("more_body", False):
-                    break
-            await self._check_form(scope, b"".join(m.get("body", b"") for m in messages), field)
+        try:  # read up to the cap (read_body), then hand BentoML the body as one message
+            body = await read_body(Request(scope, receive), self.max_bytes)
+            await self._check_form(scope, body, field)
         except InputError as err:
             REJECTED.labels(err.error).inc()
             return await JSONResponse(err.to_json(), status_code=err.status)(scope, receive, send)
+        replayed = False
 
         async def replay():
-            return messages.pop(0) if messages else await receive()
+            nonlocal replayed
+            if replayed:
+                return await receive()  # past the body: a disconnect, when it comes
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
 
