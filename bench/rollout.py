@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from bench.servers import ROOT, free_port, server_output, start_server, stop_server, wait_ready
+from bench.servers import ROOT, free_port, start_server, stop_server, wait_ready
 
 HAPROXY_CFG = """
 global

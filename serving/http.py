@@ -8,7 +8,6 @@ reading themselves and answer every bad input with a 4xx JSON body {"error", "de
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 
@@ -81,8 +80,12 @@ def attach(app, state: ServiceState) -> None:
     app.state.nin = state
 
 
+def state_of_app(app) -> ServiceState | None:
+    return getattr(app.state, "nin", None)
+
+
 def state_of(request: Request) -> ServiceState | None:
-    return getattr(request.app.state, "nin", None)
+    return state_of_app(request.app)
 
 
 def overloaded(state: ServiceState, n: int) -> tuple[int, dict, dict]:
@@ -164,7 +167,8 @@ NOT_READY = (503, {"error": "not_ready", "detail": "the model is still warming u
 
 async def classify(state: ServiceState | None, single: bool, read, t0: float) -> tuple[int, dict, dict]:
     """Every classify route's one path: admission, reading, decoding, the micro-batcher, the
-    answer. `read()` returns (top_k, show_input, image blobs) or raises InputError; a single
+    answer. `read(limit)` returns (top_k, show_input, image blobs), at most `limit` images as far
+    as it can tell while reading, or raises InputError; a single
     image is admitted before its body is read, a batch once its images are counted.
     Returns (status, JSON body, headers)."""
     engine = state.engine if state else None
@@ -177,8 +181,8 @@ async def classify(state: ServiceState | None, single: bool, read, t0: float) ->
                 return overloaded(state, 1)
             held = 1
         try:
-            k, show, blobs = await read()
             limit = 1 if single else engine.settings.max_batch_images
+            k, show, blobs = await read(limit)
             if not blobs:
                 raise InputError(422, "missing_field", "no image was uploaded")
             if len(blobs) > limit:
@@ -202,11 +206,10 @@ async def classify(state: ServiceState | None, single: bool, read, t0: float) ->
 
 def request_reader(request: Request, state: ServiceState, field: str):
     """`read` for classify(): top_k and show_input from the query, the images from the body."""
-    async def read():
+    async def read(limit: int):
         engine = state.engine
-        max_files = 1 if field == "image" else engine.settings.max_batch_images
         return (_top_k(request, len(engine.class_names)), _flag(request, "show_input"),
-                await uploads(request, engine.settings, field, max_files))
+                await uploads(request, engine.settings, field, limit))
     return read
 
 
@@ -302,7 +305,7 @@ async def classify_files(state: ServiceState | None, blobs: list[bytes], single:
                          t0: float) -> tuple[int, dict, dict]:
     """The typed BentoML endpoints' path (service.py): classify() on file contents BentoML has
     already read. (status, body, headers)."""
-    async def read():
+    async def read(limit: int):  # the blobs are read already: classify() checks their count
         n = len(state.engine.class_names)
         if not 1 <= top_k <= n:
             raise InputError(422, "bad_top_k", f"top_k must be an integer from 1 to {n}, got {top_k}")
@@ -362,8 +365,7 @@ class Edge:
 
     async def _direct(self, scope, receive, send, field: str) -> None:
         try:
-            response = await classify_request(getattr(self.routes_app.state, "nin", None),
-                                              Request(scope, receive), field)
+            response = await classify_request(state_of_app(self.routes_app), Request(scope, receive), field)
         except Exception:  # what Starlette's ServerErrorMiddleware did for the FastAPI route, in JSON
             log.exception("POST %s failed", scope.get("path"))
             response = JSONResponse({"error": "internal_error", "detail": "the server failed on this request; "

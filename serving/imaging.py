@@ -117,10 +117,10 @@ def as_uploads(images_u8: np.ndarray, size: int) -> list[Image.Image]:
 
 def normalize(images: list[Image.Image] | list[np.ndarray], contract: dict) -> np.ndarray:
     """8-bit grayscale images -> float32 (N, 1, H, W): pixel * scale, then (x - mean) / std."""
-    first = np.asarray(images[0])
-    a = np.empty((len(images), 1, *first.shape), np.float32)
-    for i, img in enumerate(images):  # uint8 -> float32 in place: no temporaries
-        a[i, 0] = first if i == 0 else np.asarray(img)
+    arrays = [np.asarray(i) for i in images]  # uint8 views; the float copy is made once, in place
+    a = np.empty((len(arrays), 1, *arrays[0].shape), np.float32)
+    for i, arr in enumerate(arrays):
+        a[i, 0] = arr
     a *= np.float32(contract["scale"])
     a -= np.float32(contract["mean"])
     a /= np.float32(contract["std"])
