@@ -1,7 +1,5 @@
 """The service in-process and through an ASGI client (no network)."""
 
-import os
-import threading
 import time
 
 import numpy as np
