@@ -1,6 +1,7 @@
 """A real `bentoml serve` in a subprocess on a free port, hit over HTTP."""
 
 import concurrent.futures
+import threading
 from pathlib import Path
 
 import httpx
@@ -54,12 +55,24 @@ def test_http_predictions_equal_in_process_onnxruntime(server, served_model):
 
 def test_64_concurrent_requests_all_succeed(server):
     pngs = [png_bytes(Image.fromarray(np.random.default_rng(i).integers(0, 256, (224, 224), dtype=np.uint8))) for i in range(64)]
+    # 64 connections opened first and released together: the requests really overlap. (64 fresh
+    # httpx.post calls each build a client and an SSL context first, so on 2 busy cores they can
+    # trickle in slower than the server answers them one by one, and nothing is left to batch.)
+    clients = [httpx.Client(timeout=120) for _ in pngs]
+    start = threading.Barrier(len(pngs))
 
-    def one(p):
-        return httpx.post(f"{server}/classify", content=p, headers={"Content-Type": "image/png"}, timeout=120)
+    def one(i):
+        c = clients[i]
+        assert c.get(f"{server}/livez").status_code == 200  # the connection is open before the start
+        start.wait(timeout=120)
+        return c.post(f"{server}/classify", content=pngs[i], headers={"Content-Type": "image/png"})
 
-    with concurrent.futures.ThreadPoolExecutor(64) as pool:
-        responses = list(pool.map(one, pngs))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(pngs)) as pool:
+            responses = list(pool.map(one, range(len(pngs))))
+    finally:
+        for c in clients:
+            c.close()
     assert [r.status_code for r in responses] == [200] * 64
     assert max(r.json()["batch_size"] for r in responses) > 1  # concurrent requests were batched
 
