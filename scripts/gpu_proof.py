@@ -64,14 +64,17 @@ class Proof:
         with open(self.log_path, "a") as f:
             f.write(stamp + "\n")
 
-    def run(self, name: str, cmd: list[str], timeout: float, env: dict | None = None) -> dict:
-        """Run `cmd` from the repository root, its output into the log; SIGTERM at `timeout`
-        (the training loop saves and exits on it), SIGKILL 60 s later."""
+    def run(self, name: str, cmd: list[str], timeout: float, env: dict | None = None,
+            output: Path | None = None) -> dict:
+        """Run `cmd` from the repository root, its output into the log (or into `output`, stderr
+        still to the log); SIGTERM at `timeout` (the training loop saves and exits on it),
+        SIGKILL 60 s later."""
         self.say(f"== {name}: {' '.join(cmd)} (limit {timeout:.0f} s)")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         t = time.monotonic()
-        with open(self.log_path, "a") as log:
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+        with open(self.log_path, "a") as log, open(output or os.devnull, "w") as out:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out if output else log, stderr=log if output else subprocess.STDOUT,
+                                    env=full_env)
             timed_out = False
             try:
                 rc = proc.wait(timeout=max(timeout, 1))
@@ -185,21 +188,18 @@ def stage_train(p: Proof, data_dir: str | None) -> int:
     prof_json = p.work / "profile.json"
     prof_args = (["--device", "cpu", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--width", "0.25"]
                  if dry else ["--device", "cuda", "--batch-size", "128", "--steps", "468"])
-    prof_txt = p.out / "profile.txt"
-    t = time.monotonic()
-    with open(prof_txt, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", "training.profile", *prof_args, "--json", str(prof_json)],
-                              cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=min(180, max(p.left(), 1)))
-    p.summary["stages"]["profile"] = {"rc": proc.returncode, "seconds": round(time.monotonic() - t, 1)}
+    p.run("profile", [sys.executable, "-m", "training.profile", *prof_args, "--json", str(prof_json)],
+          min(180, p.left()), output=p.out / "profile.txt")
     if prof_json.is_file():
         p.summary["profile"] = json.loads(prof_json.read_text())
         p.say(f"profile: {json.dumps(p.summary['profile'])}")
 
     stats_args = ["--device", "cpu", "--batch-size", "2", "--width", "0.25"] if dry else ["--device", "cuda", "--batch-size", "128"]
-    stats = subprocess.run([sys.executable, "-m", "training.stats", "--batch-norm", "--json", *stats_args],
-                           cwd=ROOT, capture_output=True, text=True, timeout=min(120, max(p.left(), 1)))
-    if stats.returncode == 0:
-        rep = json.loads(stats.stdout)
+    stats_json = p.work / "stats.json"
+    stats = p.run("stats", [sys.executable, "-m", "training.stats", "--batch-norm", "--json", *stats_args],
+                  min(120, p.left()), output=stats_json)
+    if stats["rc"] == 0:
+        rep = json.loads(stats_json.read_text())
         m = rep.get("measured") or {}
         p.summary["stats_batch"] = {
             "batch_size": rep["batch_size"], "device": m.get("device"), "method": m.get("method"),
@@ -208,7 +208,7 @@ def stage_train(p: Proof, data_dir: str | None) -> int:
         }
         p.say(f"training.stats: {json.dumps(p.summary['stats_batch'])}")
     else:
-        p.say(f"training.stats failed: {stats.stderr.strip().splitlines()[-1:]}")
+        p.say(f"training.stats failed (rc {stats['rc']}; its error is in proof.log)")
 
     tiny = ["--max-steps", "2", "--batch-size", "8", "--eval-limit", "32"] if dry else []
     strong = train_stage(p, "strong", "strong", ["--target-acc", str(TARGET_ACC), *tiny], device_args, data_args,

@@ -84,3 +84,20 @@ def test_uint8_input_graph_gives_the_same_logits(tmp_path):
 
     x = imaging.normalize([Image.fromarray(a[0]) for a in x_u8], contract)
     np.testing.assert_allclose(u8.run(None, {"image": x_u8})[0], plain.run(None, {"image": x})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_step_past_its_limit_is_stopped_and_recorded_not_raised(tmp_path):
+    """Proof.run stops a step at its time limit (SIGTERM) and records it; the proof goes on.
+    The profile and stats steps once ran under subprocess.run(timeout=...), whose
+    TimeoutExpired would have ended the whole GPU run."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("gpu_proof", ROOT / "scripts" / "gpu_proof.py")
+    gpu_proof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_proof)
+    p = gpu_proof.Proof(tmp_path, budget_s=60, dry_run=True)
+    code = "import sys, time; print('partial', flush=True); print('to the log', file=sys.stderr, flush=True); time.sleep(60)"
+    r = p.run("slow", [sys.executable, "-c", code], timeout=2, output=tmp_path / "slow.txt")
+    assert r["timed_out"] and r["rc"] != 0 and r["seconds"] < 30 and p.summary["stages"]["slow"] == r
+    assert (tmp_path / "slow.txt").read_text() == "partial\n" and "to the log" in (tmp_path / "proof.log").read_text()
