@@ -70,6 +70,18 @@ class MicroBatcher:
         self._lane_threads = [ThreadPoolExecutor(1, thread_name_prefix=f"lane-{i}", initializer=_lower_priority)
                               for i in range(lanes)]
 
+    def close(self) -> None:
+        """Stop the batching task and the lanes' threads (at shutdown, once nothing is in
+        flight: a batch still running is waited for, and whatever still queues is refused)."""
+        if self._worker is not None:
+            self._worker.cancel()
+        while self._queue is not None and not self._queue.empty():
+            _, _, fut = self._queue.get_nowait()
+            if not fut.done():
+                fut.set_exception(RuntimeError("the batcher was closed"))
+        for thread in (self._latency_thread, *self._lane_threads):
+            thread.shutdown(wait=True, cancel_futures=True)
+
     async def submit(self, x: np.ndarray) -> BatchResult:
         """Queue `x` (n, C, H, W) with n <= max_batch_size; returns when its batch has run."""
         if self._queue is None:

@@ -89,6 +89,11 @@ class NiNClassifier:
         self.engine.warm_up()
         self.state.arm_admission()
 
+    @bentoml.on_shutdown
+    def stop_lanes(self) -> None:
+        """After uvicorn's graceful shutdown has answered what was in flight: stop the lanes."""
+        self.state.batcher.close()
+
     def __is_ready__(self) -> bool:
         return self.engine.ready.is_set() and not self.drain.draining.is_set()
 
