@@ -4,8 +4,8 @@ Settings come from NIN_* environment variables (serving/engine.py: Settings). Ro
 POST /classify, POST /classify_batch, GET /model and the upload page GET /ui (serving/http.py,
 a FastAPI app whose OpenAPI BentoML merges into /docs.json); the typed endpoints for
 bentoml.SyncHTTPClient / AsyncHTTPClient, POST /api/classify and /api/classify_batch (below);
-BentoML's /livez, /readyz (ready once every batch size is warmed up), /metrics, /docs.json and
-the Swagger UI at /.
+BentoML's /livez, /readyz (ready once every batch size is warmed up, the overload bound armed
+and the start-up heap frozen), /metrics, /docs.json and the Swagger UI at /.
 """
 
 from __future__ import annotations
