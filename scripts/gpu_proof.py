@@ -24,6 +24,7 @@ without CUDA on the CPU with a tiny step budget; the test suite runs it so it ca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib.util
 import json
@@ -72,9 +73,8 @@ class Proof:
         self.say(f"== {name}: {' '.join(cmd)} (limit {timeout:.0f} s)")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         t = time.monotonic()
-        with open(self.log_path, "a") as log, open(output or os.devnull, "w") as out:
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out if output else log, stderr=log if output else subprocess.STDOUT,
-                                    env=full_env)
+        with open(self.log_path, "a") as log, (open(output, "w") if output else contextlib.nullcontext(log)) as out:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=log, env=full_env)
             timed_out = False
             try:
                 rc = proc.wait(timeout=max(timeout, 1))
