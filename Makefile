@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 PORT ?= 3000
 
-.PHONY: setup data serve test test-fast stats container container-run gpu-proof gpu-parts gpu-data rollout
+.PHONY: setup data serve test test-fast stats container container-run gpu-proof gpu-parts gpu-data gpu-env-check rollout
 
 # The virtual environment with everything (serving, training, tests); reinstalled when
 # pyproject.toml changes. torch 2.14.1 / torchvision 0.29.1 come from this machine's disk.
@@ -70,6 +70,12 @@ gpu-parts: $(STAMP)
 # call carries (carry [".gpu/data"]).
 gpu-data: data
 	mkdir -p .gpu/data && cp /usr/share/datasets/fashion-mnist/*-ubyte.gz .gpu/data/
+
+# The GPU machine's Python 3.12 and library versions (torch 2.11, onnxruntime 1.30, ...) on this CPU:
+# the proof's dry run and the training/export tests in a venv of those versions (.gpu/venv312, ~4 GB
+# from PyPI, once). Before a GPU run, after any change to training/ or export/ (scripts/gpu_env_check.sh).
+gpu-env-check:
+	PY312=$(PY312) bash scripts/gpu_env_check.sh
 
 # A real rolling restart here: two replicas behind haproxy (health check /readyz), c=16, each
 # replica restarted in turn; failures and latency before/during/after (bench/rollout.py).

@@ -16,8 +16,8 @@ and writes at most 8 files into OUT: summary.json, proof.log, profile.txt, the s
 checkpoint (weights, config, metrics and record, no optimizer state: < 16 MB), its metrics.csv
 and curves.png, and the d2l run's metrics.csv.
 
-`--stage grid` runs the textbook-exercise grid's GPU budget instead (`training.experiments`),
-once that module exists. `--dry-run` (`make gpu-proof DRY=1`) runs every stage that can run
+`--stage grid` runs the textbook-exercise grid's GPU budget instead (`training.experiments`).
+`--dry-run` (`make gpu-proof DRY=1`) runs every stage that can run
 without CUDA on the CPU with a tiny step budget; the test suite runs it so it cannot rot.
 """
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import importlib.util
 import json
 import os
 import platform
@@ -239,10 +238,6 @@ def stage_train(p: Proof, data_dir: str | None) -> int:
 
 
 def stage_grid(p: Proof, data_dir: str | None) -> int:
-    if importlib.util.find_spec("training.experiments") is None:
-        p.say("grid: training.experiments does not exist yet (issue 15); nothing to run")
-        p.summary["grid"] = {"skipped": "training.experiments does not exist yet"}
-        return 0
     args = ["--budget", "gpu", "--device", "cuda"] if not p.dry_run else ["--budget", "smoke", "--device", "cpu"]
     report = p.work / "nin-exercises"
     cmd = [sys.executable, "-m", "training.experiments", *args, "--out", str(report)]
