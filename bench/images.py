@@ -8,8 +8,9 @@ import uuid
 import numpy as np
 
 
-def real_test_pngs(n: int, data_dir: str | None = None) -> tuple[list[bytes], np.ndarray]:
-    """The first n real Fashion-MNIST test images as uploads: 224x224 8-bit PNG (PIL bilinear)."""
+def real_test_pngs(n: int, data_dir: str | None = None, compress_level: int = 6) -> tuple[list[bytes], np.ndarray]:
+    """The first n real Fashion-MNIST test images as uploads: 224x224 8-bit PNG (PIL bilinear),
+    zlib level 6 as Pillow saves by default (2.8 ms an image here; level 1, the same pixels: 0.9 ms)."""
     from serving.imaging import as_uploads
     from training.data import find_data_root, load_split
 
@@ -17,7 +18,7 @@ def real_test_pngs(n: int, data_dir: str | None = None) -> tuple[list[bytes], np
     out = []
     for img in as_uploads(x[:n].numpy(), 224):
         buf = io.BytesIO()
-        img.save(buf, format="PNG")
+        img.save(buf, format="PNG", compress_level=compress_level)
         out.append(buf.getvalue())
     return out, y[:n].numpy()
 

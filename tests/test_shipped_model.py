@@ -2,6 +2,7 @@
 real test images (uploaded as 224x224 PNGs) equals its card's."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -28,8 +29,15 @@ def test_card_describes_a_trained_model():
     assert card["training"]["command"] and card["training"]["hardware"]
 
 
+@pytest.fixture(scope="module")
+def uploads():
+    """All 10,000 test images as the PNGs a client uploads, made once for both variants; zlib level 1
+    (PNG is lossless: the same pixels as Pillow's default level 6, in 12 s instead of 34 here)."""
+    return real_test_pngs(10_000, compress_level=1)
+
+
 @pytest.mark.parametrize("variant", ["fp32", "int8"])
-def test_served_accuracy_on_the_full_test_set_equals_the_card(variant):
+def test_served_accuracy_on_the_full_test_set_equals_the_card(variant, uploads):
     card = json.loads((SHIPPED / "card.json").read_text())
     entry = card["variants"].get(variant, {})
     if not entry.get("passed"):
@@ -37,20 +45,26 @@ def test_served_accuracy_on_the_full_test_set_equals_the_card(variant):
     # The exporter measures each variant on the same PIL-resized images these PNGs hold
     # (serving.imaging.as_uploads), so served accuracy equals the card's: within 0.05 pp.
     expected, tolerance = entry["accuracy"], 0.0005
-    pngs, labels = real_test_pngs(10_000)
+    pngs, labels = uploads
     port = free_port()
-    proc = start_server(SHIPPED, port, {"NIN_VARIANT": variant, "NIN_MAX_BATCH_SIZE": "64"})
+    # Three requests of 32 images in flight keep both lanes busy while the next ones are read
+    # (int8: 188 img/s here, against 144 one request at a time); the overload bound, tested
+    # elsewhere, is raised so that none of them is refused.
+    proc = start_server(SHIPPED, port, {"NIN_VARIANT": variant, "NIN_MAX_QUEUE": "256"})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc)
-        preds = []
         with httpx.Client(timeout=120) as c:
-            for i in range(0, len(pngs), 64):
+            def classify(i: int) -> list[int]:
                 r = c.post(f"{url}/classify_batch?top_k=1",
-                           files=[("images", (f"{j}.png", p, "image/png")) for j, p in enumerate(pngs[i : i + 64])])
+                           files=[("images", (f"{j}.png", p, "image/png")) for j, p in enumerate(pngs[i : i + 32])])
                 assert r.status_code == 200, r.text
-                preds += [res["label"] for res in r.json()["results"]]
+                return [res["label"] for res in r.json()["results"]]
+
+            with ThreadPoolExecutor(3) as pool:  # map keeps the order of the chunks
+                preds = [label for chunk in pool.map(classify, range(0, len(pngs), 32)) for label in chunk]
     finally:
         stop_server(proc)
+    assert len(preds) == len(labels)
     accuracy = float(np.mean(np.array(preds) == labels))
     assert abs(accuracy - expected) <= tolerance, (variant, accuracy, expected)
