@@ -42,6 +42,20 @@ def test_gpu_proof_refuses_a_missing_data_folder(tmp_path):
     assert r.returncode != 0 and "error: --data-dir /no/such/folder is not a folder" in r.stderr
 
 
+def test_gpu_env_check_without_python_3_12_says_so_in_one_line(tmp_path):
+    """`make gpu-env-check` builds a Python 3.12 venv of the GPU machine's versions (4 GB, never in
+    the suite); where no Python 3.12 runs, it stops at once with one line and builds nothing."""
+    bin_dir = tmp_path / "bin"  # a PATH with bash and coreutils but no python3.12 and no pyenv
+    bin_dir.mkdir()
+    for tool in ("bash", "dirname", "cat", "rm", "mktemp"):
+        (bin_dir / tool).symlink_to(subprocess.run(["which", tool], capture_output=True, text=True).stdout.strip())
+    r = subprocess.run(["bash", "scripts/gpu_env_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={"PATH": str(bin_dir), "PY312": str(tmp_path / "no-python")})
+    assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.strip().splitlines() == ["error: no Python 3.12 found; the GPU machine runs Python 3.12 "
+                                             "(set PY312=/path/to/python3.12)"]
+
+
 @pytest.mark.real_data
 def test_gpu_serve_proof_dry_run_on_the_cpu_provider(tmp_path):
     """Stage 4's measurements (agreement with the CPU provider, plain / IO-binding / uint8-input
