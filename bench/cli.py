@@ -13,7 +13,7 @@ import httpx
 
 from bench.baselines import ort_baseline, torch_baseline
 from bench.images import real_test_pngs
-from bench.load import combine_rounds, have_wrk, load_level, soak, wrk_level
+from bench.load import CpuMeter, combine_rounds, have_wrk, load_level, soak, wrk_level
 from bench.report import markdown, plot, targets
 from bench.servers import ROOT, Server
 from serving import imaging
@@ -66,14 +66,18 @@ def warm(server_url: str, pngs: list[bytes]) -> None:
     asyncio.run(load_level(server_url, pngs, 1, 2.0, None))  # connections, first requests
 
 
-def run_level(client: str, server_url: str, pngs: list[bytes], c: int, duration: float) -> dict:
+def run_level(client: str, server_url: str, pngs: list[bytes], c: int, duration: float, pid: int | None = None) -> dict:
+    """One level; with the server's root process, also its CPU per answer and the idle share."""
+    meter = CpuMeter(pid)
     if client == "python":
-        return asyncio.run(load_level(server_url, pngs, c, duration, None))
-    return wrk_level(server_url, pngs[0], c, duration)
+        level = asyncio.run(load_level(server_url, pngs, c, duration, None))
+    else:
+        level = wrk_level(server_url, pngs[0], c, duration)
+    return meter.add_to(level)
 
 
 def measure(server_url: str, pngs: list[bytes], python_levels: list[int], native_levels: list[int], duration: float,
-            done: dict | None = None) -> dict:
+            done: dict | None = None, pid: int | None = None) -> dict:
     """Every level not already in `done` ({"python": {...}, "native": {...}}), one after another."""
     out: dict = done or {"python": {}, "native": {}}
     for client, levels in (("python", python_levels), ("native", native_levels)):
@@ -82,7 +86,7 @@ def measure(server_url: str, pngs: list[bytes], python_levels: list[int], native
                 continue
             settle(server_url)
             print(f"  {'wrk' if client == 'native' else 'python client'}, concurrency {c} for {duration:g} s ...", flush=True)
-            out[client][str(c)] = run_level(client, server_url, pngs, c, duration)
+            out[client][str(c)] = run_level(client, server_url, pngs, c, duration, pid)
             print("   ", {k: out[client][str(c)][k] for k in ("throughput_img_s", "p50", "p99", "errors")}, flush=True)
     return out
 
@@ -90,7 +94,8 @@ def measure(server_url: str, pngs: list[bytes], python_levels: list[int], native
 C1_ROUNDS = 5
 
 
-def interleaved_c1(urls: dict[str, str], pngs: list[bytes], clients: list[str], duration: float) -> dict:
+def interleaved_c1(urls: dict[str, str], pngs: list[bytes], clients: list[str], duration: float,
+                   pids: dict[str, int | None] | None = None) -> dict:
     """c=1 for every server, in `rounds` short rounds that alternate between them (ABBA...):
     a single-request latency difference of a fraction of a millisecond is smaller than this VM's
     drift over a minute, so servers measured one after the other compare the minute, not the
@@ -102,7 +107,7 @@ def interleaved_c1(urls: dict[str, str], pngs: list[bytes], clients: list[str], 
               f"{'wrk' if client == 'native' else 'python client'} ...", flush=True)
         for r in range(rounds):
             for kind in (list(urls) if r % 2 == 0 else list(urls)[::-1]):
-                per[kind][client].append(run_level(client, urls[kind], pngs, 1, duration / rounds))
+                per[kind][client].append(run_level(client, urls[kind], pngs, 1, duration / rounds, (pids or {}).get(kind)))
     out = {kind: {"python": {}, "native": {}} for kind in urls}
     for kind in urls:
         for client in clients:
@@ -160,10 +165,11 @@ def main(argv: list[str] | None = None) -> int:
             for kind in kinds:
                 servers[kind] = None if args.url else Server(kind, str(folder), v)
             urls = {kind: args.url or servers[kind].url for kind in kinds}
+            pids = {kind: servers[kind].proc.pid if servers[kind] else None for kind in kinds}  # CPU: each one's process tree
             for url in urls.values():
                 warm(url, pngs)
             c1_clients = [c for c, levels in (("python", python_levels), ("native", native_levels)) if 1 in levels]
-            done = (interleaved_c1(urls, pngs, c1_clients, args.duration) if len(urls) > 1 and c1_clients
+            done = (interleaved_c1(urls, pngs, c1_clients, args.duration, pids) if len(urls) > 1 and c1_clients
                     else {kind: None for kind in urls})
             for kind, url in urls.items():
                 server = servers[kind]
@@ -173,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                     info = httpx.get(f"{url}/model", timeout=10).json()
                     run["provider"] = info["provider"]
                     run["latency_budget_ms"] = info.get("limits", {}).get("latency_budget_ms")
-                run.update(measure(url, pngs, python_levels, native_levels, args.duration, done[kind]))
+                run.update(measure(url, pngs, python_levels, native_levels, args.duration, done[kind], pids[kind]))
                 result["runs"][f"{kind}-{v}"] = run
                 if args.soak and kind == "service" and v == variants[0]:
                     settle(url)

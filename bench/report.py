@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 COLUMNS = ("concurrency", "client", "img/s", "p50 ms", "p90", "p95", "p99", "max", "errors", "503 share",
-           "server queue ms", "server inference ms", "mean batch", "peak RSS MB", "client CPU (cores)")
+           "server queue ms", "server inference ms", "mean batch", "peak RSS MB", "client CPU (cores)",
+           "server CPU ms / answer", "idle CPU")
 
 
 def _row(c: str, r: dict, gpu: bool) -> str:
     cells = [c, r["client"], r["throughput_img_s"], r["p50"], r["p90"], r["p95"], r["p99"], r["max"], r["errors"],
              f"{r.get('rejected_share', 0):.1%}", r.get("server_queue_ms"), r.get("server_inference_ms"),
-             r.get("mean_batch_size"), r.get("peak_rss_mb"), r.get("client_cpu_cores")]
+             r.get("mean_batch_size"), r.get("peak_rss_mb"), r.get("client_cpu_cores"), r.get("server_cpu_ms_per_answer"),
+             None if r.get("idle_share") is None else f"{r['idle_share']:.1%}"]
     if gpu:
         cells.append(r.get("gpu_mb"))
     return "| " + " | ".join("–" if v is None else str(v) for v in cells) + " |"
@@ -20,7 +22,9 @@ def _row(c: str, r: dict, gpu: bool) -> str:
 def markdown(result: dict) -> str:
     lines = [f"Hardware: {result['hardware']}; {result['images']} real test images as 224x224 PNG "
              f"(multipart field `image`); {result['duration_s']} s per level. Python client: aiohttp, "
-             "latency over answered requests; wrk: one prebuilt body, latency over all answers.", ""]
+             "latency over answered requests; wrk: one prebuilt body, latency over all answers. Server CPU: "
+             "utime + stime of the server's process tree over the level (/proc), per answer (200s and 503s); "
+             "idle CPU: the machine's idle share over the level.", ""]
     for key, run in result["runs"].items():
         levels = [(c, r) for client in ("python", "native") for c, r in run.get(client, {}).items()]
         gpu = any(r.get("gpu_mb") is not None for _, r in levels)

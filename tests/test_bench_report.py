@@ -1,10 +1,13 @@
 """The benchmark's report logic without a server: failed requests are counted by kind and named."""
 
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import httpx
 
-from bench.load import combine_rounds, error_kind, summarize
+from bench.load import CpuMeter, combine_rounds, error_kind, summarize
 from bench.report import markdown
 
 
@@ -43,3 +46,33 @@ def test_rounds_combine_into_one_level():
     assert level["p50"] == 9.5 and level["max"] == 20.0  # median of 9.5, 20, 8; the highest single answer
     assert level["server_inference_ms"] == round((6 * 2 + 9 + 5 * 3) / 6, 3) and level["peak_rss_mb"] == 210.0
     assert level["error_kinds"] == {"HTTP 503": 1} and rounds[0]["requests"] == 2  # the rounds are left as they were
+
+
+def test_cpu_meter_counts_the_server_tree_and_rounds_add_up():
+    """The bench's server CPU per answer: utime + stime of the server's process tree over the level
+    (here this test's process and a live child, each busy for 0.3 s of CPU), and the idle share."""
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    meter = CpuMeter(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", burn + "print('burnt', flush=True)\ntime.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        exec(burn)
+        assert child.stdout.readline().strip() == "burnt"
+        level = meter.add_to({"requests": 8, "rejected_503": 2})
+    finally:
+        child.kill()
+        child.wait()
+    assert 0.55 <= level["server_cpu_s"] <= 10 and 0 <= level["idle_share"] <= 1  # both, not only this one
+    assert level["server_cpu_ms_per_answer"] == round(level["server_cpu_s"] * 1000 / 10, 2)
+    assert CpuMeter(None).add_to({"requests": 1}) == {"requests": 1}  # --url: no process, no figure
+
+    def rnd(cpu_s, n, idle, total):
+        return {**summarize([5.0] * n, Counter(), 1.0, []), "client": "native", "client_cpu_cores": 0.0,
+                "server_cpu_s": cpu_s, "cpu_idle_ticks": idle, "cpu_total_ticks": total}
+
+    level = combine_rounds([rnd(1.0, 10, 5, 100), rnd(3.0, 10, 15, 100)])
+    assert level["server_cpu_ms_per_answer"] == 200.0 and level["idle_share"] == 0.1 and level["server_cpu_s"] == 4.0
+    result = {"hardware": "test CPU", "images": 1, "duration_s": 1.0, "baselines": {},
+              "runs": {"service-int8": {"kind": "service", "variant": "int8", "provider": "CPUExecutionProvider",
+                                        "native": {"1": level}}}}
+    assert "| 200.0 | 10.0% |" in markdown(result)
