@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             for kind in kinds:
                 servers[kind] = None if args.url else Server(kind, str(folder), v)
             urls = {kind: args.url or servers[kind].url for kind in kinds}
-            pids = {kind: servers[kind].proc.pid if servers[kind] else None for kind in kinds}  # CPU: each one's process tree
+            pids = {kind: servers[kind].root_pid if servers[kind] else None for kind in kinds}  # CPU: each one's process tree
             for url in urls.values():
                 warm(url, pngs)
             c1_clients = [c for c, levels in (("python", python_levels), ("native", native_levels)) if 1 in levels]
