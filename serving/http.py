@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
 import numpy as np
@@ -62,12 +63,17 @@ class ServiceState:
         self.batcher = MicroBatcher(run, engine.settings.max_batch_size, engine.settings.max_wait_ms,
                                     lanes=len(engine.lane_sessions), inline_single=bool(engine.lane_sessions))
         self.admission = Admission(max_batch_size=engine.settings.max_batch_size)
+        # set by arm_admission(): the classify routes answer 503 not_ready until then, so no
+        # request is served by a cold engine or past an unarmed bound
+        self.open = threading.Event()
 
     def arm_admission(self) -> None:
-        """After warm-up has timed a full batch: bound the images in the service (serving/admission.py)."""
+        """After warm-up has timed a full batch: bound the images in the service
+        (serving/admission.py) and open the classify routes."""
         engine, a = self.engine, self.admission
         a.full_batch_ms = engine.full_batch_ms
         a.limit = engine.queue_bound()
+        self.open.set()
         log.info("admitting at most %s images at once (latency budget %g ms, a batch of %d takes %.1f ms)",
                  a.limit, engine.settings.latency_budget_ms, engine.settings.max_batch_size, engine.full_batch_ms)
 
@@ -171,9 +177,9 @@ async def classify(state: ServiceState | None, single: bool, read, t0: float) ->
     as it can tell while reading, or raises InputError; a single
     image is admitted before its body is read, a batch once its images are counted.
     Returns (status, JSON body, headers)."""
-    engine = state.engine if state else None
-    if engine is None or not engine.ready.is_set():
+    if state is None or not state.open.is_set():
         return NOT_READY
+    engine = state.engine
     held = 0  # images this request holds in the admission count
     try:
         if single:

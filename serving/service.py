@@ -89,13 +89,14 @@ class NiNClassifier:
     def _warm_up(self) -> None:
         imaging.warm_up(self.engine.contract, self.engine.settings.max_pixels)
         self.engine.warm_up()
-        self.state.arm_admission()
         # Everything built so far (BentoML, FastAPI, onnxruntime's bindings: a large heap) lives
         # as long as the process: out of the collector's sight, a full collection scans only what
         # requests make. Measured at c=256 (int8): full collections stopped the event loop for
-        # 100-165 ms every few seconds; frozen, 4-21 ms (README "Benchmark").
+        # 100-165 ms every few seconds; frozen, 4-21 ms (README "Benchmark"). Frozen before the
+        # routes open, so no request's objects are frozen with it.
         gc.collect()
         gc.freeze()
+        self.state.arm_admission()  # the classify routes answer from here on (503 not_ready before)
         self.warmed.set()
 
     @bentoml.on_shutdown

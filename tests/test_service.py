@@ -127,7 +127,8 @@ def test_model_endpoint(client):
 
 def test_routes_wait_for_warm_up_on_their_own_app_and_engine(served_model):
     """The routes' state lives on what attach() gives an app, not in a module: a fresh app with
-    a fresh, cold engine answers 503 not_ready, then 200 once that engine is warm."""
+    a fresh, cold engine answers 503 not_ready, then 200 once that engine is warm and the
+    overload bound armed (what /readyz waits for)."""
     from serving import http
 
     app, engine = http.make_app(), Engine(Settings(model=str(served_model), max_batch_size=2, lanes=0))
@@ -136,7 +137,9 @@ def test_routes_wait_for_warm_up_on_their_own_app_and_engine(served_model):
     with TestClient(app) as c:
         r = c.post("/classify", content=image_png(), headers={"Content-Type": "image/png"})
         assert r.status_code == 503 and r.json() == {"error": "not_ready", "detail": "the model is still warming up"}
-        engine.warm_up()
+        engine.warm_up()  # warm, but the bound is not armed yet: still closed, as /readyz says
+        r = c.post("/classify", content=image_png(), headers={"Content-Type": "image/png"})
+        assert r.status_code == 503 and r.json()["error"] == "not_ready"
         state.arm_admission()
         r = c.post("/classify", content=image_png(), headers={"Content-Type": "image/png"})
         assert r.status_code == 200 and r.json()["batch_size"] == 1
