@@ -17,7 +17,7 @@ from bench.load import CpuMeter, combine_rounds, have_wrk, load_level, soak, wrk
 from bench.report import markdown, plot, targets
 from bench.servers import ROOT, Server
 from serving import imaging
-from serving.model_files import VARIANT_FILES
+from serving.model_files import VARIANT_FILES, available_variants
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -134,6 +134,25 @@ def main(argv: list[str] | None = None) -> int:
     if not (folder / "card.json").is_file():
         print(f"error: no exported model in {folder} (card.json missing)", file=sys.stderr)
         return 2
+    if args.url:  # the running service says what it serves; ask before any slow step
+        try:
+            info = httpx.get(f"{args.url.rstrip('/')}/model", timeout=10)
+            info.raise_for_status()
+            variants, kinds = [info.json()["variant"]], ["service"]
+        except (httpx.HTTPError, ValueError, KeyError) as e:
+            print(f"error: no NiN service answers GET {args.url.rstrip('/')}/model ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else 'no detail'})", file=sys.stderr)
+            return 2
+        args.url = args.url.rstrip("/")
+    else:
+        variants = [v for v in args.variants.split(",") if v]
+        have = [v for v in available_variants(json.loads((folder / "card.json").read_text()))
+                if (folder / VARIANT_FILES[v]).is_file()]
+        bad = [v for v in variants if v not in have]
+        if bad or not variants:
+            what = f"{', '.join(bad)} not in {folder}" if bad else "no variant named"
+            print(f"error: --variants {args.variants!r}: {what} (it serves {', '.join(have)})", file=sys.stderr)
+            return 2
     import torch
 
     from training.runtime import hardware_name
@@ -146,11 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.provider == "cuda":
         hardware = f"{hardware_name(torch.device('cuda'))} + {hardware}"
     result = {"hardware": hardware, "images": len(pngs), "duration_s": args.duration, "runs": {}, "baselines": {}}
-    if args.url:
-        info = httpx.get(f"{args.url}/model", timeout=10).json()
-        variants, kinds = [info["variant"]], ["service"]
-    else:
-        variants = args.variants.split(",")
     for v in variants:
         if v in VARIANT_FILES and (folder / VARIANT_FILES[v]).is_file():
             print(f"baseline: onnxruntime {v} in-process ...", flush=True)

@@ -76,3 +76,26 @@ def test_cpu_meter_counts_the_server_tree_and_rounds_add_up():
               "runs": {"service-int8": {"kind": "service", "variant": "int8", "provider": "CPUExecutionProvider",
                                         "native": {"1": level}}}}
     assert "| 200.0 | 10.0% |" in markdown(result)
+
+
+def test_bench_cli_refuses_bad_arguments_with_one_line_before_any_slow_step(capsys):
+    """An unknown variant, a URL where no service answers, bad levels: exit 2 with one line on
+    stderr, at once (before the baselines, which take a minute)."""
+    import socket
+    import time
+
+    from bench.cli import main
+    from bench.servers import ROOT
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    model = str(ROOT / "models" / "nin-fashion-mnist")
+    for argv, says in ((["--variants", "int9,fp32"], "int9 not in"), (["--variants", ","], "no variant named"),
+                       (["--url", f"http://127.0.0.1:{closed}"], "no NiN service answers"),
+                       (["--python-concurrency", "0"], "concurrency levels must be positive")):
+        t = time.perf_counter()
+        assert main(["--model", model, "--native-concurrency", "", *argv]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1 and err.startswith("error: "), err
+        assert time.perf_counter() - t < 5

@@ -60,9 +60,13 @@ def test_checkpoint_round_trip_is_weights_only_and_atomic(tmp_path):
 def test_bad_checkpoints_get_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt")
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable checkpoint"):
-        load_checkpoint(tmp_path / "junk.pt")
+    for name, data in (("junk.pt", b"not a checkpoint"), ("text.pt", b"# a README\n\nnot a checkpoint\n"),
+                       ("noise.pt", bytes(range(256)) * 2)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match="not a readable checkpoint") as err:
+            load_checkpoint(tmp_path / name)
+        message = str(err.value)  # one line, and no advice to load with weights_only=False
+        assert "\n" not in message and "weights_only" not in message and len(message) < 400, message
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a NiN checkpoint"):
         load_checkpoint(tmp_path / "other.pt")

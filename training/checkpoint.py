@@ -36,10 +36,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{path} is not a readable checkpoint ({load_error(e)})") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path} is not a NiN checkpoint (needs 'model' and 'model_config' keys)")
     return ckpt
+
+
+def load_error(e: Exception) -> str:
+    """torch.load's failure in one line. Its weights-only refusal is a paragraph that suggests
+    `weights_only=False` (unsafe, and never needed for this project's checkpoints): say what it means."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        return "not a file written by torch.save with tensors and plain values only, as `python -m training` writes"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
 
 
 def model_from_checkpoint(ckpt: dict) -> tuple[NiN, NiNConfig]:
