@@ -53,9 +53,15 @@ def test_http_predictions_equal_in_process_onnxruntime(server, served_model):
     assert single["label"] == got[0]["label"]
 
 
-def test_64_concurrent_requests_all_succeed(server):
-    pngs = [png_bytes(Image.fromarray(np.random.default_rng(i).integers(0, 256, (224, 224), dtype=np.uint8))) for i in range(64)]
-    # 64 connections opened first and released together: the requests really overlap. (64 fresh
+def test_concurrent_requests_up_to_the_bound_all_succeed_batched(server):
+    """As many single-image requests at once as the overload bound admits (32 for int8 here:
+    more may be refused with 503 by design, and were, when 64 were sent on a quiet machine): every
+    one answered 200, and batched."""
+    bound = httpx.get(f"{server}/model", timeout=10).json()["limits"]["max_queue"]
+    assert bound >= 16
+    n = min(64, bound)
+    pngs = [png_bytes(Image.fromarray(np.random.default_rng(i).integers(0, 256, (224, 224), dtype=np.uint8))) for i in range(n)]
+    # the connections opened first and released together: the requests really overlap. (Fresh
     # httpx.post calls each build a client and an SSL context first, so on 2 busy cores they can
     # trickle in slower than the server answers them one by one, and nothing is left to batch.)
     clients = [httpx.Client(timeout=120) for _ in pngs]
@@ -73,7 +79,7 @@ def test_64_concurrent_requests_all_succeed(server):
     finally:
         for c in clients:
             c.close()
-    assert [r.status_code for r in responses] == [200] * 64
+    assert [r.status_code for r in responses] == [200] * n, [r.text for r in responses if r.status_code != 200][:2]
     assert max(r.json()["batch_size"] for r in responses) > 1  # concurrent requests were batched
 
 
