@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 ALLOWED_FORMATS = {"PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF"}
 # PIL's own bomb check raises only at 2x its limit; we check the header ourselves first.
@@ -39,7 +39,8 @@ class Decoded:
     def describe(self) -> dict:
         return {"format": self.format, "mode": self.original_mode, "size": list(self.original_size),
                 "converted": any(n.startswith("converted") for n in self.notes),
-                "resized": any(n.startswith("resized") for n in self.notes), "notes": self.notes}
+                "resized": any(n.startswith("resized") for n in self.notes),
+                "rotated": any(n.startswith("rotated") for n in self.notes), "notes": self.notes}
 
 
 def decode(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
@@ -93,12 +94,30 @@ def to_grayscale(img: Image.Image) -> tuple[Image.Image, str | None]:
     return img.convert("RGB").convert("L") if mode == "CMYK" else img.convert("L"), f"converted {mode} to L (ITU-R 601-2 luma)"
 
 
+ORIENTATION = 0x0112  # the EXIF tag cameras and phones set instead of rotating the pixels
+
+
+def upright(img: Image.Image) -> tuple[Image.Image, str | None]:
+    """The image as a browser shows it: EXIF orientation (2-8) applied with Pillow's
+    exif_transpose, so a phone photo taken sideways is classified upright. 3 µs when there is no
+    tag (every PNG the benchmark sends)."""
+    try:
+        orientation = img.getexif().get(ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - an unreadable EXIF block: the pixels as stored
+        return img, None
+    if orientation not in range(2, 9):
+        return img, None
+    turned = ImageOps.exif_transpose(img)
+    return turned, f"rotated/flipped as its EXIF orientation {orientation} says (as browsers show it)"
+
+
 def to_contract(data: bytes, contract: dict, max_pixels: int) -> Decoded:
     """Bytes -> 8-bit grayscale image of the contract's size, with notes on what was done."""
     img, fmt = decode(data, max_pixels)
     original_mode, original_size = img.mode, img.size
+    img, turned = upright(img)
     gray, note = to_grayscale(img)
-    notes = [note] if note else []
+    notes = [n for n in (turned, note) if n]
     size = (contract["image_size"], contract["image_size"])
     if gray.size != size:
         if contract["interpolation"] != "bilinear":

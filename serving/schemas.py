@@ -29,6 +29,7 @@ class InputReport(Strict):
     size: list[int] = Field(description="width, height of the upload", examples=[[28, 28]])
     converted: bool = Field(description="colour or bit depth converted to 8-bit grayscale")
     resized: bool = Field(description="resized (bilinear) to the model's input size")
+    rotated: bool = Field(description="turned upright as its EXIF orientation tag says (as browsers show it)")
     notes: list[str] = Field(description="each conversion, in words")
     png_base64: Optional[str] = Field(
         default=None, description="the 224x224 grayscale image the model saw, as a base64 PNG (only with show_input=true)")

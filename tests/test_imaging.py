@@ -134,3 +134,25 @@ def test_warm_up_loads_the_decoders_a_first_request_needs():
     assert {"PNG", "JPEG", "WEBP"} <= set(Image.OPEN)
     with pytest.raises(InputError):  # it goes through the same checks as a request
         imaging.warm_up(CONTRACT, max_pixels=100)
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_exif_orientation_is_applied_as_browsers_show_it(orientation):
+    """A photo stored sideways with an EXIF orientation tag reaches the model upright (what
+    Pillow's exif_transpose gives, then the usual resize), and the answer says so; no tag, or
+    orientation 1, changes nothing."""
+    from PIL import ImageOps
+
+    stored = Image.fromarray(np.random.default_rng(orientation).integers(0, 256, (112, 224), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[imaging.ORIENTATION] = orientation
+    buf = io.BytesIO()
+    stored.save(buf, format="PNG", exif=exif.tobytes())  # lossless: the pixels can be compared exactly
+    d = imaging.to_contract(buf.getvalue(), CONTRACT, 10**8)
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue())))
+    assert upright.size == ((112, 224) if orientation in (6, 8) else (224, 112))
+    expected = upright.convert("L").resize((224, 224), Image.BILINEAR)
+    assert np.array_equal(np.asarray(d.image), np.asarray(expected))
+    assert d.describe()["rotated"] is (orientation != 1)
+    assert any(f"EXIF orientation {orientation}" in n for n in d.notes) is (orientation != 1)
+    assert d.original_size == (224, 112)  # the upload as stored
