@@ -43,9 +43,9 @@ class Decoded:
                 "rotated": any(n.startswith("rotated") for n in self.notes), "notes": self.notes}
 
 
-def decode(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
-    """Open and fully decode an upload (first frame of an animation); reject what isn't a
-    supported, complete image of sane size before spending memory on it."""
+def open_upload(data: bytes, max_pixels: int) -> Image.Image:
+    """Read an upload's header only (tens of µs): reject what is not a supported image of sane
+    size before any pixel is decoded. finish() decodes it."""
     if not data:
         raise InputError(400, "empty_body", "the upload is empty; send a PNG/JPEG/BMP/TIFF/WebP/GIF image")
     try:
@@ -63,12 +63,35 @@ def decode(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
         raise InputError(400, "empty_image", f"the image is {w}x{h} pixels")
     if w * h > max_pixels:
         raise InputError(413, "image_too_large", f"{w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,}")
+    return img
+
+
+def load(img: Image.Image, size: int | None = None) -> tuple[Image.Image, str | None]:
+    """Decode the pixels (first frame of an animation). With `size`, a JPEG at least twice that
+    in both sides is decoded straight to grayscale at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
+    scaling, Pillow's `draft`), still at least `size` on each side: 3-4x less work for a phone
+    photo (a 12 MP JPEG: ~45 instead of ~150 ms here); the bilinear resize then does the rest."""
+    note = None
+    if size and img.format == "JPEG" and min(img.size) >= 2 * size:
+        mode, before = img.mode, img.size
+        img.draft("L", (size, size))
+        if img.size != before:
+            gray = f"converted {mode} to L and " if img.mode != mode else ""
+            note = (f"{gray}decoded at 1/{round(before[0] / img.size[0])} scale by the JPEG decoder "
+                    f"({img.size[0]}x{img.size[1]}, libjpeg's DCT scaling)")
     try:
         img.seek(0)
         img.load()
     except Exception as e:
         raise InputError(400, "corrupt_image", f"the {img.format} data is truncated or corrupt ({type(e).__name__}: {e})") from None
-    return img, img.format
+    return img, note
+
+
+def decode(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
+    """Open and fully decode an upload (first frame of an animation); reject what isn't a
+    supported, complete image of sane size before spending memory on it."""
+    img = open_upload(data, max_pixels)
+    return load(img)[0], img.format
 
 
 def to_grayscale(img: Image.Image) -> tuple[Image.Image, str | None]:
@@ -113,11 +136,18 @@ def upright(img: Image.Image) -> tuple[Image.Image, str | None]:
 
 def to_contract(data: bytes, contract: dict, max_pixels: int) -> Decoded:
     """Bytes -> 8-bit grayscale image of the contract's size, with notes on what was done."""
-    img, fmt = decode(data, max_pixels)
-    original_mode, original_size = img.mode, img.size
+    return finish(open_upload(data, max_pixels), contract)
+
+
+def finish(img: Image.Image, contract: dict) -> Decoded:
+    """An opened upload (open_upload) -> 8-bit grayscale image of the contract's size, with notes
+    on what was done. Pillow's decoders and resize release the GIL: the server runs this off the
+    event loop for large images (serving/http.py)."""
+    fmt, original_mode, original_size = img.format, img.mode, img.size
+    img, scaled = load(img, contract["image_size"])
     img, turned = upright(img)
     gray, note = to_grayscale(img)
-    notes = [n for n in (turned, note) if n]
+    notes = [n for n in (scaled, turned, note) if n]
     size = (contract["image_size"], contract["image_size"])
     if gray.size != size:
         if contract["interpolation"] != "bilinear":

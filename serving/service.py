@@ -101,8 +101,9 @@ class NiNClassifier:
 
     @bentoml.on_shutdown
     def stop_lanes(self) -> None:
-        """After uvicorn's graceful shutdown has answered what was in flight: stop the lanes."""
-        self.state.batcher.close()
+        """After uvicorn's graceful shutdown has answered what was in flight: stop the lanes and
+        the decoding thread."""
+        self.state.close()
 
     def __is_ready__(self) -> bool:
         return self.warmed.is_set() and not self.drain.draining.is_set()

@@ -156,3 +156,23 @@ def test_exif_orientation_is_applied_as_browsers_show_it(orientation):
     assert d.describe()["rotated"] is (orientation != 1)
     assert any(f"EXIF orientation {orientation}" in n for n in d.notes) is (orientation != 1)
     assert d.original_size == (224, 112)  # the upload as stored
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale_close_to_the_full_decode():
+    """A photo-sized JPEG is decoded straight to grayscale at 1/4 scale (Pillow's draft, libjpeg's
+    DCT scaling) before the bilinear resize: the answer says so, and the model's input stays
+    within a few grey levels of decoding every pixel first."""
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).resize((1000, 800), Image.BICUBIC)
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG", quality=95)
+    d = imaging.to_contract(buf.getvalue(), CONTRACT, MAX_PIXELS)
+    assert d.image.size == (224, 224) and d.image.mode == "L" and d.original_mode == "RGB"
+    assert d.original_size == (1000, 800) and d.describe()["converted"] and d.describe()["resized"]
+    assert any("1/2 scale" in n for n in d.notes), d.notes  # 1000x800 -> 500x400, still >= 224
+    full = Image.open(io.BytesIO(buf.getvalue())).convert("L").resize((224, 224), Image.BILINEAR)
+    diff = np.abs(np.asarray(d.image, np.int16) - np.asarray(full, np.int16))
+    assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 8, (diff.mean(), np.percentile(diff, 99))
+    small = io.BytesIO()
+    photo.resize((300, 240)).save(small, format="JPEG")  # under twice 224 on a side: every pixel decoded
+    assert not any("scale" in n for n in imaging.to_contract(small.getvalue(), CONTRACT, MAX_PIXELS).notes)

@@ -236,3 +236,32 @@ def test_peak_rss_handles_reset_and_read_like_proc():
         assert peak.read_kb() < high - 100 * 1024 and peak.read_kb() == read_status_kb("VmHWM")
     finally:
         peak.close()
+
+
+def test_large_uploads_decode_off_the_event_loop(served_model, monkeypatch):
+    """A 224x224 upload decodes on the event loop's thread (cheaper than a hand-off); one over
+    http.INLINE_MAX_PIXELS on the decoding thread, so a 12 MP photo does not stop every other
+    request while it decodes. Same answer either way."""
+    import threading
+
+    from serving import http
+
+    app, engine = http.make_app(), Engine(Settings(model=str(served_model), max_batch_size=2, lanes=0))
+    state = http.ServiceState(engine)
+    http.attach(app, state)
+    engine.warm_up()
+    state.arm_admission()
+    where, finish = [], imaging.finish
+    monkeypatch.setattr(imaging, "finish", lambda img, contract: (where.append(threading.current_thread().name),
+                                                                  finish(img, contract))[1])
+    small = np.random.default_rng(0).integers(0, 256, (224, 224), dtype=np.uint8)
+    big = np.asarray(Image.fromarray(small).resize((1024, 1024), Image.NEAREST))  # same image, 16x the pixels
+    try:
+        with TestClient(app) as c:
+            answers = [c.post("/classify", content=png_bytes(Image.fromarray(a)), headers={"Content-Type": "image/png"})
+                       for a in (small, big)]
+    finally:
+        state.close()
+    assert [r.status_code for r in answers] == [200, 200]
+    assert not where[0].startswith("decode") and where[1].startswith("decode"), where
+    assert answers[1].json()["input"]["size"] == [1024, 1024] and answers[1].json()["input"]["resized"]
