@@ -300,3 +300,21 @@ def test_bentoml_clients_classify_a_file_with_one_call_like_curl(server, tmp_pat
     with bentoml.SyncHTTPClient(server) as client, pytest.raises(bentoml.exceptions.BentoMLException) as err:
         client.classify(image=bad)
     assert "not_an_image" in str(err.value) or "no image decoder" in str(err.value)
+
+
+@REAL_DATA
+def test_big_upload_bench_measures_small_requests_beside_large_ones(server, tmp_path):
+    """`python -m bench.big_upload --url`, briefly: small requests and large uploads all answered,
+    the figures written."""
+    import json
+
+    from bench.big_upload import main as big_main
+
+    out = tmp_path / "big.json"
+    assert big_main(["--url", server, "--size", "1200x1000", "--duration", "3", "--every", "1",
+                     "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["small_requests"] > 0 and set(result["small_statuses"]) == {"200"}
+    assert result["large_uploads"] and all(b["status"] == 200 for b in result["large_uploads"])
+    assert result["p50"] <= result["p99"] <= result["max"]
+    assert big_main(["--url", server, "--size", "12x"]) == 2
