@@ -21,7 +21,7 @@ from pathlib import Path
 import bentoml
 
 from serving import http, imaging, model_files
-from serving.drain import Drain
+from serving.drain import Drain, exit_with_parent
 from serving.engine import Engine, Settings, check_gpu_requirement
 from serving.model_files import ModelLoadError
 from serving.schemas import BatchClassification, Classification
@@ -49,6 +49,13 @@ def preflight() -> None:
 
 
 preflight()
+
+
+def in_bentoml_worker() -> bool:
+    """Whether this process is a worker `bentoml serve` started (not a test building the class)."""
+    from bentoml._internal.context import server_context
+
+    return server_context.worker_index is not None
 
 
 def per_request_extras() -> dict:
@@ -81,7 +88,8 @@ class NiNClassifier:
         http.attach(app, self.state)
         settings = self.engine.settings
         self.drain = Drain(settings.drain_s, settings.shutdown_timeout_s)
-        self.drain.install()
+        if self.drain.install() and in_bentoml_worker():  # drain on SIGTERM, in the worker ...
+            exit_with_parent()  # ... including the one Linux sends when the arbiter dies
         # warm up off the start-up path: /livez answers at once, /readyz once this is done
         self.warmed = threading.Event()
         threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()

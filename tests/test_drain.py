@@ -150,3 +150,32 @@ def test_rolling_restart_behind_haproxy_fails_nothing(served_model):
     assert s["total"]["failed"] == 0, s
     assert s["before"]["requests"] > 0 and s["during"]["requests"] > 0 and s["after"]["requests"] > 0
     assert "| during |" in rollout.markdown(s)
+
+
+@pytest.mark.integration
+def test_the_worker_exits_when_its_arbiter_is_killed(served_model):
+    """`kill -9` of `bentoml serve` (the circus arbiter's process group): the worker, in a process
+    group of its own, used to serve the port on, orphaned, for ever. Now Linux sends it SIGTERM
+    (serving.drain.exit_with_parent) and it exits within its drain bound."""
+    import httpx
+
+    port = free_port()
+    proc = start_server(served_model, port, {"NIN_DRAIN_SECONDS": "1", "NIN_SHUTDOWN_TIMEOUT": "2"})
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, proc)
+    worker = httpx.get(f"{url}/model", timeout=10).json()["pid"]
+    assert worker != proc.pid and os.getpgid(worker) != proc.pid  # its own group: killpg misses it
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    deadline = time.time() + 1 + 2 + 5 + 5  # drain + shutdown + the hard stop + slack
+    while time.time() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail(f"worker {worker} still alive {deadline - time.time() + 13:.0f} s after its arbiter was killed")
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/readyz", timeout=2)

@@ -265,3 +265,11 @@ def test_large_uploads_decode_off_the_event_loop(served_model, monkeypatch):
     assert [r.status_code for r in answers] == [200, 200]
     assert not where[0].startswith("decode") and where[1].startswith("decode"), where
     assert answers[1].json()["input"]["size"] == [1024, 1024] and answers[1].json()["input"]["resized"]
+
+
+def test_the_parent_death_signal_is_armed_only_in_a_bentoml_worker():
+    """exit_with_parent belongs to `bentoml serve`'s worker; a process that builds the service
+    class itself (these tests) is not one."""
+    from serving.service import in_bentoml_worker
+
+    assert not in_bentoml_worker()
