@@ -135,15 +135,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no exported model in {folder} (card.json missing)", file=sys.stderr)
         return 2
     if args.url:  # the running service says what it serves; ask before any slow step
+        args.url = args.url.rstrip("/")
         try:
-            info = httpx.get(f"{args.url.rstrip('/')}/model", timeout=10)
+            info = httpx.get(f"{args.url}/model", timeout=10)
             info.raise_for_status()
             variants, kinds = [info.json()["variant"]], ["service"]
         except (httpx.HTTPError, ValueError, KeyError) as e:
-            print(f"error: no NiN service answers GET {args.url.rstrip('/')}/model ({type(e).__name__}: "
+            print(f"error: no NiN service answers GET {args.url}/model ({type(e).__name__}: "
                   f"{str(e).splitlines()[0] if str(e) else 'no detail'})", file=sys.stderr)
             return 2
-        args.url = args.url.rstrip("/")
     else:
         variants = [v for v in args.variants.split(",") if v]
         have = [v for v in available_variants(json.loads((folder / "card.json").read_text()))
