@@ -15,7 +15,7 @@ from training.experiments import floor
 from training.experiments.cli import main as experiments_main
 from training.experiments.data import balanced_subset, synthetic
 from training.experiments.grid import BUDGETS, series, series_index, structural_arms, sweep_arms, sweep_lrs
-from training.experiments.report import WALL_COLUMNS
+from training.experiments.report import WALL_COLUMNS, separated, summed, with_range
 from training.model import NiN
 from training.resources import report as resource_report
 
@@ -37,6 +37,18 @@ def test_structural_arms_differ_only_in_what_they_ask_about():
     assert len(head) == 1 and head[0].head_width > 0 and head[0].num_1x1 == 2
     assert len({(a.preset, a.lr, a.epochs) for a in arms}) == 1
     assert BUDGETS["gpu"].image_size == 224 and BUDGETS["gpu"].epochs == 10 and BUDGETS["gpu"].train_images is None
+    # the CPU budget repeats each structural arm per training seed; seed 0 keeps the plain name
+    cpu = structural_arms(BUDGETS["cpu"])
+    assert len(cpu) == 5 * len(BUDGETS["cpu"].seeds) == 15 and len({a.name for a in cpu}) == 15
+    assert {a.seed for a in cpu} == {0, 1, 2} and {a.name for a in cpu if a.seed == 0} == {a.name for a in arms}
+    assert {a.name for a in cpu if a.seed == 2} == {"1x1-0-s2", "1x1-1-s2", "1x1-2-s2", "1x1-3-s2", "head-two-step-s2"}
+
+
+def test_seed_summaries():
+    assert with_range([0.8]) == "0.8000" and with_range([0.8, 0.7, 0.9]) == "0.8000 (0.7000-0.9000)"
+    assert separated([0.80, 0.81], [0.78, 0.79]) and separated([0.5], [0.6])
+    assert not separated([0.80, 0.82], [0.81, 0.79])
+    assert summed([[[1, 2], [3, 4]], [[10, 0], [0, 10]]]) == [[11, 2], [3, 14]]
 
 
 def test_two_step_head_model_and_its_predicted_cost():
@@ -101,6 +113,9 @@ def test_the_grid_writes_its_report(smoke_report):
     rows = list(csv.DictReader((out / "runs.csv").open()))
     arms = {r["arm"] for r in rows}
     assert {"1x1-0", "1x1-1", "1x1-2", "1x1-3", "head-two-step"} <= arms
+    assert {"1x1-0-s1", "1x1-2-s1", "head-two-step-s1"} <= arms  # the smoke budget's second training seed
+    assert {r["seed"] for r in rows if r["arm"].endswith("-s1")} == {"1"}
+    assert "Over 2 training seeds each" in text and "Seed by seed:" in text
     assert any(a.startswith("lr-d2l-") for a in arms) and any(a.startswith("lr-strong-") for a in arms)
     assert all(r["budget"] == "smoke" and r["image_size"] == "72" for r in rows)
     one = [r for r in rows if r["arm"] == "1x1-1"]
@@ -122,6 +137,8 @@ def test_rerun_resumes_and_an_arm_reproduces_its_record(smoke_report, tmp_path):
     for key in ("wall_s", *WALL_COLUMNS):
         arm.pop(key, None), again.pop(key, None)
     assert again == arm
+    other = json.loads((smoke_report / "smoke" / "arms" / "1x1-1-s1.json").read_text())
+    assert other["seed"] == 1 and other["logits_init"] != arm["logits_init"]  # another seed, another start
 
 
 def test_retime_remeasures_every_finished_arm(smoke_report):

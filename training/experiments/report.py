@@ -83,17 +83,57 @@ def fmt(v, spec: str = ".4f") -> str:
     return "–" if v is None or v == "" else format(v, spec)
 
 
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def with_range(values: list[float], spec: str = ".4f") -> str:
+    """One seed: the value; several: their mean and (min-max)."""
+    if len(values) == 1:
+        return format(values[0], spec)
+    return f"{format(mean(values), spec)} ({format(min(values), spec)}-{format(max(values), spec)})"
+
+
+def by_config(arms: list[dict], key) -> dict:
+    """Records grouped by `key(record)` (the architecture), each group sorted by training seed."""
+    groups: dict = {}
+    for r in sorted(arms, key=lambda r: (key(r), r["seed"])):
+        groups.setdefault(key(r), []).append(r)
+    return groups
+
+
+def finals(runs: list[dict]) -> list[float]:
+    return [final(r) for r in runs if final(r) is not None]
+
+
+def separated(a: list[float], b: list[float]) -> bool:
+    """Whether two sets of per-seed results do not overlap: with a few seeds, the least one can
+    ask before calling a difference more than seed-to-seed noise."""
+    return min(a) > max(b) or min(b) > max(a)
+
+
+def summed(matrices: list[list[list[int]]]) -> list[list[int]]:
+    return [[sum(m[i][j] for m in matrices) for j in range(len(matrices[0]))] for i in range(len(matrices[0]))]
+
+
 # -- the plots ---------------------------------------------------------------------------------
 
-def plot_one_by_one(arms: list[dict], path: Path) -> str:
+def plot_one_by_one(groups: dict[int, list[dict]], path: Path) -> str:
+    """Test accuracy and train loss per epoch: each seed a thin line, their mean bold, one colour
+    per number of 1x1 convolutions."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for r in arms:
-        ep = [e["epoch"] for e in r["epochs"]]
-        label = f"{r['arm']['num_1x1']} per block"
-        ax1.plot(ep, [e["test_acc"] for e in r["epochs"]], "o-", label=label)
-        ax2.plot(ep, [e["train_loss"] for e in r["epochs"]], "o-", label=label)
+    for n, runs in groups.items():
+        label = f"{n} per block" + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")
+        for ax, key in ((ax1, "test_acc"), (ax2, "train_loss")):
+            curves = [[e[key] for e in r["epochs"]] for r in runs if r["epochs"]]
+            length = min(len(c) for c in curves)
+            epochs = list(range(1, length + 1))
+            if len(curves) > 1:
+                for c in curves:
+                    ax.plot(epochs, c[:length], "-", lw=0.8, alpha=0.35, color=f"C{n}")
+            ax.plot(epochs, [sum(c[i] for c in curves) / len(curves) for i in range(length)], "o-", color=f"C{n}", label=label)
     ax1.set(xlabel="epoch", ylabel="test accuracy", title="1x1 convolutions per block: test accuracy")
-    ax2.set(xlabel="epoch", ylabel="train loss", title="train loss")
+    ax2.set(xlabel="epoch", ylabel="train loss", title="train loss (thin: each seed; bold: their mean)")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -161,70 +201,114 @@ def top_confusions(m: list[list[int]], n: int = 3) -> list[tuple[str, str, int]]
 
 
 def section_one_by_one(rec: dict, folder: Path, rel: str) -> list[str]:
-    arms = sorted((r for r in rec["arms"].values() if r["arm"]["question"] == "1x1"), key=lambda r: r["arm"]["num_1x1"])
-    if not arms:
+    groups = by_config([r for r in rec["arms"].values() if r["arm"]["question"] == "1x1"], lambda r: r["arm"]["num_1x1"])
+    groups = {n: runs for n, runs in groups.items() if finals(runs)}
+    if not groups:
         return []
-    plot = plot_one_by_one(arms, folder / "one_by_one.png")
+    plot = plot_one_by_one(groups, folder / "one_by_one.png")
+    n_seeds = max(len(runs) for runs in groups.values())
+    acc_head = "final test acc" + (", mean (min-max over seeds)" if n_seeds > 1 else "")
+    m = " (mean)" if n_seeds > 1 else ""
     lines = ["### 1x1 convolutions per block: 0, 1, 2 (textbook), 3", "",
-             "| 1x1 per block | params | multiply-adds | final test acc | best test acc | test images with all 10 scores = 0 | train img/s | ORT CPU ms/img (b1) | peak memory MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in arms:
-        dead = r["logits_end"]["dead"] if r.get("logits_end") else None
-        lines.append(f"| {r['arm']['num_1x1']} | {r['params']:,} | {r['macs'] / 1e6:,.0f} M | {fmt(final(r))} | {fmt(best(r))} "
-                     f"| {fmt(dead, '.1%')} | {r['img_per_s']:.0f} | {fmt(r['ort_cpu_ms_b1'], '.2f')} | {r['peak_mem_mb']:.0f} |")
-    top = max(arms, key=lambda r: final(r) or 0)
-    by_n = {r["arm"]["num_1x1"]: r for r in arms}
-    answer = (f"**Answer ({rec['budget']} budget).** {top['arm']['num_1x1']} per block reached the best final test "
-              f"accuracy, {fmt(final(top))}")
-    if 2 in by_n and by_n[2] is not top:
-        answer += f"; the textbook's 2 reached {fmt(final(by_n[2]))}"
-    if 0 in by_n:
-        answer += f"; with none (plain k x k convolutions) {fmt(final(by_n[0]))}"
+             f"| 1x1 per block | params | multiply-adds | seeds | {acc_head} | best test acc{m} | test images with all 10 scores = 0{m} | train img/s | ORT CPU ms/img (b1) | peak memory MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for n, runs in groups.items():
+        r0 = runs[0]
+        dead = [r["logits_end"]["dead"] for r in runs if r.get("logits_end")]
+        ort = [r["ort_cpu_ms_b1"] for r in runs if r["ort_cpu_ms_b1"]]
+        lines.append(f"| {n} | {r0['params']:,} | {r0['macs'] / 1e6:,.0f} M | {len(runs)} | {with_range(finals(runs))} "
+                     f"| {fmt(mean([best(r) for r in runs]))} | {fmt(mean(dead) if dead else None, '.1%')} "
+                     f"| {mean([r['img_per_s'] for r in runs]):.0f} | {fmt(sorted(ort)[len(ort) // 2] if ort else None, '.2f')} "
+                     f"| {max(r['peak_mem_mb'] for r in runs):.0f} |")
+    acc = {n: finals(runs) for n, runs in groups.items()}
+    top = max(acc, key=lambda n: mean(acc[n]))
+    several = n_seeds > 1
+    word = "mean final test accuracy" if several else "final test accuracy"
+    answer = f"**Answer ({rec['budget']} budget).** {top} per block reached the best {word}, {fmt(mean(acc[top]))}"
+    if 2 in acc and top != 2:
+        answer += f"; the textbook's 2 reached {fmt(mean(acc[2]))}"
+    if 0 in acc:
+        answer += f"; with none (plain k x k convolutions) {fmt(mean(acc[0]))}"
+    if several:
+        apart = [n for n in acc if n != top and separated(acc[top], acc[n])]
+        close = [n for n in acc if n != top and not separated(acc[top], acc[n])]
+        answer += (f". Over {n_seeds} training seeds each, {top} per block is ahead of "
+                   + (" and ".join(str(n) for n in apart) + " on every seed (the seeds' ranges do not overlap)" if apart else "no arm on every seed")
+                   + (f", and within seed-to-seed noise of {', '.join(str(n) for n in close)} (the ranges overlap: "
+                      + "; ".join(f"{n}: {min(acc[n]):.4f}-{max(acc[n]):.4f}" for n in close)
+                      + f", against {min(acc[top]):.4f}-{max(acc[top]):.4f})" if close else ""))
+    by_n = {n: runs[0] for n, runs in groups.items()}
     if 0 in by_n and 3 in by_n:
         answer += (f". From 0 to 3 per block the parameters grow {by_n[3]['params'] / by_n[0]['params']:.2f}x and the "
                    f"multiply-adds {by_n[3]['macs'] / by_n[0]['macs']:.2f}x")
         if by_n[0]["ort_cpu_ms_b1"] and by_n[3]["ort_cpu_ms_b1"]:
             answer += (f"; one image on onnxruntime's CPU provider takes {by_n[0]['ort_cpu_ms_b1']:.2f} -> "
                        f"{by_n[3]['ort_cpu_ms_b1']:.2f} ms")
-    dead = {n: r["logits_end"]["dead"] for n, r in by_n.items() if r.get("logits_end") and r["logits_end"]["dead"] > 0.01}
+    dead = {n: mean([r["logits_end"]["dead"] for r in runs if r.get("logits_end")])
+            for n, runs in groups.items() if any(r.get("logits_end") for r in runs)}
+    dead = {n: d for n, d in dead.items() if d > 0.01}
     if dead:
-        answer += ("; " + ", ".join(f"with {n} per block {d:.0%} of the test images end with all ten class scores at 0 "
-                                    f"(NiN's last ReLU: a tie the argmax breaks by index)" for n, d in sorted(dead.items())))
+        answer += ("; " + ", ".join(f"with {n} per block {d:.0%} of the test images"
+                                    + (" (mean over seeds)" if several else "")
+                                    + " end with all ten class scores at 0 (NiN's last ReLU: a tie the argmax breaks by index)"
+                                    for n, d in sorted(dead.items())))
     answer += (". A 1x1 convolution is a per-pixel fully connected layer: it adds non-linearity across channels "
-               "at a cost that does not grow with the kernel size. Each arm is one seed: the report does not "
-               "measure the seed-to-seed spread, so small differences are not evidence.")
+               "at a cost that does not grow with the kernel size.")
+    answer += (f" {n_seeds} seeds are few: a difference the seeds' ranges do not separate is not evidence either way."
+               if several else " Each arm is one seed: the report does not measure the seed-to-seed spread here, so "
+               "small differences are not evidence.")
     return lines + ["", answer, "", f"![1x1 arms]({rel}/{plot})", ""]
 
 
 def section_head(rec: dict, folder: Path, rel: str) -> list[str]:
-    one = rec["arms"].get("1x1-2")
-    two = next((r for r in rec["arms"].values() if r["arm"]["question"] == "head"), None)
-    if not one or not two or not one["confusion"] or not two["confusion"]:
+    one = [r for r in rec["arms"].values() if r["arm"]["question"] == "1x1" and r["arm"]["num_1x1"] == 2 and r["confusion"]]
+    two = [r for r in rec["arms"].values() if r["arm"]["question"] == "head" and r["confusion"]]
+    if not one or not two:
         return []
+    one, two = (sorted(runs, key=lambda r: r["seed"]) for runs in (one, two))
     size = rec_size(rec)
-    plot = plot_confusions([(f"one step 384->10 ({fmt(final(one))})", one["confusion"]),
-                            (f"two steps 384->{two['arm']['head_width']}->10 ({fmt(final(two))})", two["confusion"])],
+    width = two[0]["arm"]["head_width"]
+    several = max(len(one), len(two)) > 1
+    sums = {"one": summed([r["confusion"] for r in one]), "two": summed([r["confusion"] for r in two])}
+    over = f", summed over {len(one)} seeds" if several else ""
+    plot = plot_confusions([(f"one step 384->10 ({fmt(mean(finals(one)))}{over})", sums["one"]),
+                            (f"two steps 384->{width}->10 ({fmt(mean(finals(two)))}{over})", sums["two"])],
                            folder / "head_confusion.png")
+    acc_head = "final test acc" + (", mean (min-max over seeds)" if several else "")
+    conf_head = "most confused (true -> predicted: count" + (", summed over seeds)" if several else ")")
     lines = [f"### The head: 384x{size}x{size} -> 10 in one NiN block (textbook) vs two steps", "",
-             "| head | params | final test acc | best test acc | most confused (true -> predicted: count) |", "|---|---|---|---|---|"]
-    for label, r in (("one step, 384 -> 10 (textbook)", one), (f"two steps, 384 -> {two['arm']['head_width']} -> 10", two)):
-        conf = "; ".join(f"{a} -> {b}: {n}" for a, b, n in top_confusions(r["confusion"]))
-        lines.append(f"| {label} | {r['params']:,} | {fmt(final(r))} | {fmt(best(r))} | {conf} |")
-    delta = (final(two) - final(one)) * 100
-    errors_one = sum(sum(row) for row in one["confusion"]) - sum(one["confusion"][i][i] for i in range(10))
-    errors_two = sum(sum(row) for row in two["confusion"]) - sum(two["confusion"][i][i] for i in range(10))
-    pairs_one = {(a, b) for a, b, _ in top_confusions(one["confusion"])}
-    pairs_two = {(a, b) for a, b, _ in top_confusions(two["confusion"])}
-    answer = (f"**Answer ({rec['budget']} budget).** The two-step head changes test accuracy by {delta:+.2f} points "
-              f"({errors_one} -> {errors_two} errors) for {two['params'] - one['params']:+,} parameters. ")
+             f"| head | params | seeds | {acc_head} | best test acc{' (mean)' if several else ''} | {conf_head} |", "|---|---|---|---|---|---|"]
+    for label, runs, key in (("one step, 384 -> 10 (textbook)", one, "one"), (f"two steps, 384 -> {width} -> 10", two, "two")):
+        conf = "; ".join(f"{a} -> {b}: {n}" for a, b, n in top_confusions(sums[key]))
+        lines.append(f"| {label} | {runs[0]['params']:,} | {len(runs)} | {with_range(finals(runs))} "
+                     f"| {fmt(mean([best(r) for r in runs]))} | {conf} |")
+    delta = (mean(finals(two)) - mean(finals(one))) * 100
+
+    def errors(m: list[list[int]], n: int) -> float:
+        return (sum(sum(row) for row in m) - sum(m[i][i] for i in range(10))) / n
+
+    pairs_one = {(a, b) for a, b, _ in top_confusions(sums["one"])}
+    pairs_two = {(a, b) for a, b, _ in top_confusions(sums["two"])}
+    mean_word = "mean " if several else ""
+    answer = (f"**Answer ({rec['budget']} budget).** The two-step head changes {mean_word}test accuracy by {delta:+.2f} points "
+              f"({errors(sums['one'], len(one)):.0f} -> {errors(sums['two'], len(two)):.0f} errors{' per seed' if several else ''}) "
+              f"for {two[0]['params'] - one[0]['params']:+,} parameters. ")
+    if several:
+        seed_one = {r["seed"]: final(r) for r in one}
+        paired = [(r["seed"], (final(r) - seed_one[r["seed"]]) * 100) for r in two if r["seed"] in seed_one]
+        if paired:
+            answer += "Seed by seed: " + ", ".join(f"{d:+.2f}" for _, d in paired) + " points. "
+        answer += ("The seeds' ranges do not overlap: a difference beyond seed-to-seed noise. "
+                   if separated(finals(one), finals(two)) else
+                   "The seeds' ranges overlap: at this budget the two heads are not told apart. ")
     shared = sorted(pairs_one & pairs_two)
     if shared:
         answer += ("Both heads confuse the same pairs most (" + "; ".join(f"{a} -> {b}" for a, b in shared) +
                    "): a wider head does not separate the garments the network mistakes for each other. ")
     else:
         answer += "The pairs each head confuses most differ (table). "
-    answer += ("Reducing 384 channels to 10 in one block did not stop the textbook's head from training at this "
-               "budget; whether the two-step head's difference is more than one seed's noise is not measured here.")
+    answer += "Reducing 384 channels to 10 in one block did not stop the textbook's head from training at this budget"
+    answer += "." if several else "; whether the two-step head's difference is more than one seed's noise is not measured here."
     return lines + ["", answer, "", f"![confusion matrices]({rel}/{plot})", ""]
 
 

@@ -25,11 +25,13 @@ from training.runtime import Runtime, hardware_name, peak_memory_mb
 log = logging.getLogger(__name__)
 
 
-def recipe_args(preset: str, lr: float, epochs: int, budget: Budget, **overrides) -> SimpleNamespace:
-    """The preset's recipe with this arm's lr, epochs and the budget's batch size and seed: the
-    same namespace training.train's optimizer, scheduler and range test read."""
-    values = dict(PRESETS[preset], lr=lr, epochs=epochs, batch_size=budget.batch_size, seed=budget.seed,
-                  lr_find_steps=budget.range_steps, **overrides)
+def recipe_args(preset: str, lr: float, epochs: int, budget: Budget, seed: int | None = None,
+                **overrides) -> SimpleNamespace:
+    """The preset's recipe with this arm's lr, epochs and training seed (default: the budget's)
+    and the budget's batch size: the same namespace training.train's optimizer, scheduler and
+    range test read."""
+    values = dict(PRESETS[preset], lr=lr, epochs=epochs, batch_size=budget.batch_size,
+                  seed=budget.seed if seed is None else seed, lr_find_steps=budget.range_steps, **overrides)
     return SimpleNamespace(**values)
 
 
@@ -87,13 +89,13 @@ def train_arm(arm: Arm, budget: Budget, data: dict, rt: Runtime) -> dict:
     """Train the arm for its epochs, evaluating on the test images after each one."""
     from training.train import build_optimizer, build_scheduler
 
-    args = recipe_args(arm.preset, arm.lr, arm.epochs, budget, **arm.overrides)
+    args = recipe_args(arm.preset, arm.lr, arm.epochs, budget, seed=arm.seed, **arm.overrides)
     config = model_config(arm, budget, args)
-    model = build_model(config, args.init, budget.seed, rt)
+    model = build_model(config, args.init, args.seed, rt)  # also seeds the augmentation's draws
     optimizer = build_optimizer(model, args)
     train_x, train_y = data["train"]
     test_x, test_y = data["test"]
-    gen = torch.Generator().manual_seed(budget.seed)
+    gen = torch.Generator().manual_seed(args.seed)
     n_batches = len(train_x) // args.batch_size
     scheduler = build_scheduler(optimizer, args, n_batches)
     cost = resource_report(config, batch_size=1)
@@ -122,7 +124,7 @@ def train_arm(arm: Arm, budget: Budget, data: dict, rt: Runtime) -> dict:
     return {
         "arm": arm.to_dict(), "budget": budget.name, "image_size": budget.image_size,
         "train_images": len(train_x), "test_images": len(test_x), "batch_size": args.batch_size,
-        "seed": budget.seed, "recipe": {k: v for k, v in vars(args).items() if k != "lr_find_steps"},
+        "seed": arm.seed, "data_seed": budget.seed, "recipe": {k: v for k, v in vars(args).items() if k != "lr_find_steps"},
         "params": cost["total_params"], "macs": cost["total_macs"],
         "memory_estimate_mb": {"training_b": round(resource_report(config, args.batch_size)["memory"]["training"]["total"] / 2**20, 1)},
         "epochs": epochs, "confusion": confusion.tolist() if confusion is not None else None,
