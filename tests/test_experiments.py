@@ -145,7 +145,14 @@ def test_retime_remeasures_every_finished_arm(smoke_report):
     rc = experiments_main(["--budget", "smoke", "--retime", "--out", str(smoke_report)])
     assert rc == 0
     records = [json.loads(f.read_text()) for f in (smoke_report / "smoke" / "arms").glob("*.json")]
-    assert all(r["ort_retimed"] for r in records if "arm" in r and not r["diverged"])
+    trained = [r for r in records if "arm" in r and not r["diverged"]]
+    assert all(r["ort_retimed"] and r["ort_cpu_ms_b1"] > 0 for r in trained)
+    # one figure per architecture, timed in alternating rounds: every seed of an arm shares it
+    by_arch = {}
+    for r in trained:
+        if r["arm"]["question"] != "lr":
+            by_arch.setdefault((r["arm"]["num_1x1"], r["arm"]["head_width"]), set()).add(r["ort_cpu_ms_b1"])
+    assert len(by_arch) == 5 and all(len(v) == 1 for v in by_arch.values())
     assert "re-timed one arm after another" in (smoke_report / "README.md").read_text()
 
 

@@ -135,6 +135,7 @@ def plot_one_by_one(groups: dict[int, list[dict]], path: Path) -> str:
     ax1.set(xlabel="epoch", ylabel="test accuracy", title="1x1 convolutions per block: test accuracy")
     ax2.set(xlabel="epoch", ylabel="train loss", title="train loss (thin: each seed; bold: their mean)")
     for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     return _save(fig, path)

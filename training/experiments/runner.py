@@ -47,10 +47,8 @@ def build_model(config: NiNConfig, init: str, seed: int, rt: Runtime) -> torch.n
     return model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
 
 
-def ort_ms_per_image(model: torch.nn.Module, config: NiNConfig, runs: int) -> float | None:
-    """Median onnxruntime CPU latency of one image, from this arm's own ONNX export."""
-    if runs <= 0:
-        return None
+def ort_session(model: torch.nn.Module, config: NiNConfig):
+    """An onnxruntime CPU session of this model's own ONNX export, and a batch-1 input for it."""
     from export.onnx_io import export_onnx
     from export.variants import cpu_session
 
@@ -59,16 +57,27 @@ def ort_ms_per_image(model: torch.nn.Module, config: NiNConfig, runs: int) -> fl
         path = Path(tmp) / "arm.onnx"
         export_onnx(model, path, image_size=config.image_size, in_channels=config.in_channels)
         session = cpu_session(path)
-    name = session.get_inputs()[0].name
     x = np.random.default_rng(0).standard_normal((1, 1, config.image_size, config.image_size), dtype=np.float32)
-    for _ in range(max(3, runs // 10)):
-        session.run(None, {name: x})
+    return session, {session.get_inputs()[0].name: x}
+
+
+def timed_runs(session, feed: dict, n: int) -> list[float]:
+    """n batch-1 runs, each in ms."""
     times = []
-    for _ in range(runs):
+    for _ in range(n):
         t = time.perf_counter()
-        session.run(None, {name: x})
+        session.run(None, feed)
         times.append((time.perf_counter() - t) * 1e3)
-    return round(float(np.median(times)), 3)
+    return times
+
+
+def ort_ms_per_image(model: torch.nn.Module, config: NiNConfig, runs: int) -> float | None:
+    """Median onnxruntime CPU latency of one image, from this arm's own ONNX export."""
+    if runs <= 0:
+        return None
+    session, feed = ort_session(model, config)
+    timed_runs(session, feed, max(3, runs // 10))  # warm-up
+    return round(float(np.median(timed_runs(session, feed, runs))), 3)
 
 
 @torch.no_grad()
@@ -158,16 +167,20 @@ def write_json(path: Path, record: dict) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
 
 
-def retime(folder: Path, budget: Budget) -> int:
-    """Re-measure every finished arm's onnxruntime CPU latency, one after another in this process.
+def retime(folder: Path, budget: Budget, rounds: int = 10) -> int:
+    """Re-measure every finished arm's onnxruntime CPU latency on this (quiet) machine.
 
-    The latency depends on the architecture, not on the trained weights, so a fresh model of the
-    arm's config is exported: run on a quiet machine after the grid, it replaces figures taken
-    while the grid trained beside other work."""
+    The latency depends on the architecture, not on the trained weights, so each architecture is
+    exported once from a fresh model of its config and timed in alternating rounds (A B C ... A B
+    C ..., `budget.ort_runs` runs each in all, 20 where it is 0): on this VM the same architecture timed a minute
+    apart differed by up to 1.7x, so architectures timed one after another compared the minutes.
+    Every arm of an architecture gets its median. Returns the number of arms updated."""
     from training.experiments.grid import Arm
 
+    runs = budget.ort_runs or 20  # a budget that times nothing while training (smoke) still gets a figure
     rt = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
-    n = 0
+    arms: dict[str, list[Path]] = {}
+    sessions: dict[str, tuple] = {}
     for f in sorted(folder.glob("*.json")):
         record = json.loads(f.read_text())
         if "arm" not in record or record.get("diverged"):
@@ -175,8 +188,24 @@ def retime(folder: Path, budget: Budget) -> int:
         arm = Arm(**record["arm"])
         args = recipe_args(arm.preset, arm.lr, arm.epochs, budget, **arm.overrides)
         config = model_config(arm, budget, args)
-        record["ort_cpu_ms_b1"] = ort_ms_per_image(build_model(config, args.init, budget.seed, rt), config, budget.ort_runs)
-        record["ort_retimed"] = True
-        write_json(f, record)
-        n += 1
-    return n
+        key = json.dumps(config.to_dict(), sort_keys=True)
+        if key not in sessions:
+            sessions[key] = ort_session(build_model(config, args.init, budget.seed, rt), config)
+        arms.setdefault(key, []).append(f)
+    per_round = max(1, runs // rounds)
+    times: dict[str, list[float]] = {key: [] for key in sessions}
+    for key, (session, feed) in sessions.items():
+        timed_runs(session, feed, max(3, runs // 10))  # warm-up
+    for _ in range(rounds):
+        for key, (session, feed) in sessions.items():
+            # let the last session's intra-op threads stop spinning first: timed straight after
+            # another, an architecture ran up to 2x slower (measured: 5.3 against 2.6 ms)
+            time.sleep(0.05)
+            times[key] += timed_runs(session, feed, per_round)
+    for key, files in arms.items():
+        ms = round(float(np.median(times[key])), 3)
+        for f in files:
+            record = json.loads(f.read_text())
+            record["ort_cpu_ms_b1"], record["ort_retimed"] = ms, True
+            write_json(f, record)
+    return sum(len(files) for files in arms.values())
