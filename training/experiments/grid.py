@@ -24,9 +24,9 @@ class Budget:
     sweep_epochs: int  # learning-rate sweep arms
     batch_size: int
     range_steps: int  # steps of each learning-rate range test
-    ort_runs: int  # timed onnxruntime batch-1 runs per arm (0: no export, no timing)
+    ort_runs: int  # timed onnxruntime batch-1 runs per arm (0: none while training; --retime times 20)
     hardware_hint: str
-    seed: int = 0  # the data subset's seed, and the training seed of single-seed arms
+    seed: int = 0  # the data subset's seed, and the training seed of the range tests and the sweep
     seeds: tuple[int, ...] = (0,)  # training seeds of each structural arm
 
     def describe(self) -> str:
@@ -117,5 +117,5 @@ def sweep_arms(budget: Budget, suggestions: dict[str, float]) -> list[Arm]:
     arms = []
     for recipe in RECIPES:
         for lr in sweep_lrs(suggestions[recipe]):
-            arms.append(Arm(f"lr-{recipe}-{lr:g}", "lr", recipe, lr, budget.sweep_epochs))
+            arms.append(Arm(f"lr-{recipe}-{lr:g}", "lr", recipe, lr, budget.sweep_epochs, seed=budget.seed))
     return arms
