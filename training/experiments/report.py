@@ -303,11 +303,18 @@ def section_head(rec: dict, folder: Path, rel: str) -> list[str]:
                    if separated(finals(one), finals(two)) else
                    "The seeds' ranges overlap: at this budget the two heads are not told apart. ")
     shared = sorted(pairs_one & pairs_two)
-    if shared:
+    if len(shared) == len(pairs_one):
         answer += ("Both heads confuse the same pairs most (" + "; ".join(f"{a} -> {b}" for a, b in shared) +
                    "): a wider head does not separate the garments the network mistakes for each other. ")
+    elif shared:
+        answer += ("Among their three most frequent confusions both heads have " +
+                   "; ".join(f"{a} -> {b}" for a, b in shared) + ", the others differ (table). ")
     else:
         answer += "The pairs each head confuses most differ (table). "
+    recall = {k: [m[i][i] / max(1, sum(m[i])) for i in range(10)] for k, m in sums.items()}
+    moved = max(range(10), key=lambda i: abs(recall["two"][i] - recall["one"][i]))
+    answer += (f"The class that moved most: {FASHION_MNIST_CLASSES[moved]}, recall {recall['one'][moved]:.2f} with one "
+               f"step against {recall['two'][moved]:.2f} with two{' (over all seeds)' if several else ''}. ")
     answer += "Reducing 384 channels to 10 in one block did not stop the textbook's head from training at this budget"
     answer += "." if several else "; whether the two-step head's difference is more than one seed's noise is not measured here."
     return lines + ["", answer, "", f"![confusion matrices]({rel}/{plot})", ""]
