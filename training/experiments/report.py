@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from statistics import mean, median
 from pathlib import Path
 
 import matplotlib
@@ -83,10 +84,6 @@ def fmt(v, spec: str = ".4f") -> str:
     return "–" if v is None or v == "" else format(v, spec)
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def with_range(values: list[float], spec: str = ".4f") -> str:
     """One seed: the value; several: their mean and (min-max)."""
     if len(values) == 1:
@@ -131,7 +128,7 @@ def plot_one_by_one(groups: dict[int, list[dict]], path: Path) -> str:
             if len(curves) > 1:
                 for c in curves:
                     ax.plot(epochs, c[:length], "-", lw=0.8, alpha=0.35, color=f"C{n}")
-            ax.plot(epochs, [sum(c[i] for c in curves) / len(curves) for i in range(length)], "o-", color=f"C{n}", label=label)
+            ax.plot(epochs, [mean(c[i] for c in curves) for i in range(length)], "o-", color=f"C{n}", label=label)
     ax1.set(xlabel="epoch", ylabel="test accuracy", title="1x1 convolutions per block: test accuracy")
     ax2.set(xlabel="epoch", ylabel="train loss", title="train loss (thin: each seed; bold: their mean)")
     for ax in (ax1, ax2):
@@ -219,7 +216,7 @@ def section_one_by_one(rec: dict, folder: Path, rel: str) -> list[str]:
         ort = [r["ort_cpu_ms_b1"] for r in runs if r["ort_cpu_ms_b1"]]
         lines.append(f"| {n} | {r0['params']:,} | {r0['macs'] / 1e6:,.0f} M | {len(runs)} | {with_range(finals(runs))} "
                      f"| {fmt(mean([best(r) for r in runs]))} | {fmt(mean(dead) if dead else None, '.1%')} "
-                     f"| {mean([r['img_per_s'] for r in runs]):.0f} | {fmt(sorted(ort)[len(ort) // 2] if ort else None, '.2f')} "
+                     f"| {mean([r['img_per_s'] for r in runs]):.0f} | {fmt(median(ort) if ort else None, '.2f')} "
                      f"| {max(r['peak_mem_mb'] for r in runs):.0f} |")
     acc = {n: finals(runs) for n, runs in groups.items()}
     top = max(acc, key=lambda n: mean(acc[n]))
@@ -296,9 +293,9 @@ def section_head(rec: dict, folder: Path, rel: str) -> list[str]:
               f"for {two[0]['params'] - one[0]['params']:+,} parameters. ")
     if several:
         seed_one = {r["seed"]: final(r) for r in one}
-        paired = [(r["seed"], (final(r) - seed_one[r["seed"]]) * 100) for r in two if r["seed"] in seed_one]
+        paired = [(final(r) - seed_one[r["seed"]]) * 100 for r in two if r["seed"] in seed_one]
         if paired:
-            answer += "Seed by seed: " + ", ".join(f"{d:+.2f}" for _, d in paired) + " points. "
+            answer += "Seed by seed: " + ", ".join(f"{d:+.2f}" for d in paired) + " points. "
         answer += ("The seeds' ranges do not overlap: a difference beyond seed-to-seed noise. "
                    if separated(finals(one), finals(two)) else
                    "The seeds' ranges overlap: at this budget the two heads are not told apart. ")

@@ -172,14 +172,12 @@ def retime(folder: Path, budget: Budget, rounds: int = 10) -> int:
 
     The latency depends on the architecture, not on the trained weights, so each architecture is
     exported once from a fresh model of its config and timed in alternating rounds (A B C ... A B
-    C ..., `budget.ort_runs` runs each in all, 20 where it is 0): on this VM the same architecture timed a minute
-    apart differed by up to 1.7x, so architectures timed one after another compared the minutes.
-    Every arm of an architecture gets its median. Returns the number of arms updated."""
-    from training.experiments.grid import Arm
-
+    C ..., `budget.ort_runs` runs each in all, 20 where it is 0): on this VM the same architecture
+    timed a minute apart differed by up to 1.7x, so architectures timed one after another compared
+    the minutes. Every arm of an architecture gets its median. Returns the number of arms updated."""
     runs = budget.ort_runs or 20  # a budget that times nothing while training (smoke) still gets a figure
     rt = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
-    arms: dict[str, list[Path]] = {}
+    arms: dict[str, list[tuple[Path, dict]]] = {}  # architecture -> its arms' files and records
     sessions: dict[str, tuple] = {}
     for f in sorted(folder.glob("*.json")):
         record = json.loads(f.read_text())
@@ -191,7 +189,7 @@ def retime(folder: Path, budget: Budget, rounds: int = 10) -> int:
         key = json.dumps(config.to_dict(), sort_keys=True)
         if key not in sessions:
             sessions[key] = ort_session(build_model(config, args.init, budget.seed, rt), config)
-        arms.setdefault(key, []).append(f)
+        arms.setdefault(key, []).append((f, record))
     per_round = max(1, runs // rounds)
     times: dict[str, list[float]] = {key: [] for key in sessions}
     for key, (session, feed) in sessions.items():
@@ -202,10 +200,9 @@ def retime(folder: Path, budget: Budget, rounds: int = 10) -> int:
             # another, an architecture ran up to 2x slower (measured: 5.3 against 2.6 ms)
             time.sleep(0.05)
             times[key] += timed_runs(session, feed, per_round)
-    for key, files in arms.items():
+    for key, found in arms.items():
         ms = round(float(np.median(times[key])), 3)
-        for f in files:
-            record = json.loads(f.read_text())
+        for f, record in found:
             record["ort_cpu_ms_b1"], record["ort_retimed"] = ms, True
             write_json(f, record)
-    return sum(len(files) for files in arms.values())
+    return sum(len(found) for found in arms.values())
