@@ -6,12 +6,13 @@ Plain functions over bytes and arrays, tested without a server. Every rejection 
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
 ALLOWED_FORMATS = {"PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF"}
 # PIL's own bomb check raises only at 2x its limit; we check the header ourselves first.
@@ -103,11 +104,23 @@ def to_grayscale(img: Image.Image) -> tuple[Image.Image, str | None]:
         hi = 1.0 if a.max(initial=0) <= 1.0 else 255.0
         out = Image.fromarray(np.clip(np.rint(a * (255.0 / hi)), 0, 255).astype(np.uint8), "L")
         return out, f"converted float image to 8-bit L (scaled 0..{hi:g} to 0..255)"
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        # RGBa / La (a TIFF's premultiplied alpha) are unpremultiplied on the way to RGBA
+        rgba = (img.convert("LA") if mode == "La" else img).convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(black, rgba).convert("L"), f"converted {mode} to L (alpha composited over black)"
-    return img.convert("RGB").convert("L") if mode == "CMYK" else img.convert("L"), f"converted {mode} to L (ITU-R 601-2 luma)"
+    if mode == "LAB":  # CIELAB (TIFF): to sRGB through littlecms, then the same luma as any colour image
+        return ImageCms.applyTransform(img, _lab_to_srgb()).convert("L"), "converted LAB to L (CIELAB -> sRGB -> ITU-R 601-2 luma)"
+    try:
+        return img.convert("RGB").convert("L") if mode == "CMYK" else img.convert("L"), f"converted {mode} to L (ITU-R 601-2 luma)"
+    except ValueError:  # a mode Pillow decodes but cannot convert: refuse it, never a 500
+        raise InputError(415, "unsupported_mode", f"{mode} images cannot be converted to grayscale; "
+                         "send 8/16-bit grayscale, RGB(A), palette or CMYK") from None
+
+
+@functools.cache
+def _lab_to_srgb() -> ImageCms.ImageCmsTransform:
+    return ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
 
 
 ORIENTATION = 0x0112  # the EXIF tag cameras and phones set instead of rotating the pixels

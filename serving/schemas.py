@@ -108,7 +108,7 @@ def error_responses(*statuses: int) -> dict:
     words = {
         400: "not an image, a corrupt or empty one, a bad multipart body, or a body that ended early",
         413: "body over NIN_MAX_BYTES (refused while it is read), image over NIN_MAX_PIXELS, or too many images",
-        415: "a Content-Type other than multipart/form-data, image/* or application/octet-stream, or an image format not accepted",
+        415: "a Content-Type other than multipart/form-data, image/* or application/octet-stream, or an image format or pixel mode not accepted",
         422: "the file field is missing, or top_k is not an integer from 1 to 10",
         503: "still warming up (not_ready), or overloaded: the service holds its bound of images "
              "(Retry-After header says when to retry)",

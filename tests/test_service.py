@@ -1,6 +1,7 @@
 """The service in-process and through an ASGI client (no network)."""
 
 import gc
+import io
 import mmap
 import time
 
@@ -82,6 +83,15 @@ def test_conversions_are_reported(client):
     data = GOOD["small_28"][0]
     r = client.post("/classify", content=data, headers={"Content-Type": "application/octet-stream"})
     assert r.status_code == 200 and r.json()["input"]["resized"] is True
+    from PIL import ImageCms  # a CIELAB TIFF: a 500 until Pillow's missing LAB -> L was handled
+
+    lab = ImageCms.applyTransform(Image.new("RGB", (28, 28), (90, 90, 90)), ImageCms.buildTransform(
+        ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB"))
+    buf = io.BytesIO()
+    lab.save(buf, format="TIFF")
+    r = client.post("/classify", files={"image": ("lab.tif", buf.getvalue(), "image/tiff")})
+    assert r.status_code == 200, r.text
+    assert r.json()["input"]["mode"] == "LAB" and r.json()["input"]["converted"] is True
 
 
 def test_classify_batch_matches_single_requests(client):
