@@ -16,14 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 from fastapi import FastAPI
-from starlette.datastructures import Headers, UploadFile
+from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from serving import imaging, page
+from serving import forms, imaging, page
 from serving.admission import Admission
 from serving.batching import MicroBatcher
+from serving.forms import MULTIPART, media_type
 from serving.engine import Engine
 from serving.imaging import InputError
 from serving.schemas import (SHOW_INPUT_PARAM, TOP_K_PARAM, BatchClassification, Classification, ModelInfo,
@@ -138,13 +139,13 @@ def multipart_error(err: MultiPartException, max_files: int) -> InputError:
 async def uploads(request: Request, e, field: str, max_files: int) -> list[bytes]:
     """The image bytes of a request: the multipart fields named `field`, or the raw body; `e`
     holds the engine's settings (byte cap)."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not ctype.startswith("multipart/form-data") and not ctype.startswith(RAW_TYPES):
+    ctype = media_type(request.headers)
+    if ctype != MULTIPART and not ctype.startswith(RAW_TYPES):
         raise InputError(415, "unsupported_media_type",
                          f"Content-Type {ctype or '(none)'}; send multipart/form-data with a file field "
                          f"{field!r}, or the image itself as image/* or application/octet-stream")
     body = await read_body(request, e.max_bytes)
-    if not ctype.startswith("multipart/"):
+    if ctype != MULTIPART:
         return [body]
 
     async def stream():
@@ -354,7 +355,8 @@ class Edge:
     Typed endpoints (POST /api/classify, /api/classify_batch), whose body BentoML itself reads
     and parses: a body over `max_bytes` is refused with 413 while it arrives; a body that is not
     multipart, lacks its file field, or carries a field BentoML would choke on (it answers those
-    with a 500) gets the usual 4xx JSON instead."""
+    with a 500) gets the usual 4xx JSON instead; a media type in another case and a file name
+    BentoML cannot save a file under are made safe first (serving/forms.py)."""
 
     def __init__(self, app, max_bytes: int, max_files: int, routes_app=None,
                  routes: dict[str, str] | None = None) -> None:
@@ -372,12 +374,21 @@ class Edge:
         field = self.routes.get(path)
         if field is None:
             return await self.app(scope, receive, send)
+        form = None
         try:  # read up to the cap (read_body), then hand BentoML the body as one message
             body = await read_body(Request(scope, receive), self.max_bytes)
-            await self._check_form(scope, body, field)
+            form = await self._check_form(scope, body, field)
+            if forms.needs_rebuild(form):  # a file name BentoML cannot save a file under
+                body, content_type = await forms.rebuild(form)
+                scope = forms.with_headers(scope, content_type, len(body))
+            else:  # "Multipart/Form-Data" is multipart/form-data; BentoML would parse it as JSON
+                scope = forms.with_headers(scope)
         except InputError as err:
             REJECTED.labels(err.error).inc()
             return await JSONResponse(err.to_json(), status_code=err.status)(scope, receive, send)
+        finally:
+            if form is not None:
+                await form.close()
         replayed = False
 
         async def replay():
@@ -398,9 +409,9 @@ class Edge:
                                      "it is logged"}, status_code=500)
         await response(scope, receive, send)
 
-    async def _check_form(self, scope, body: bytes, field: str) -> None:
+    async def _check_form(self, scope, body: bytes, field: str) -> FormData:
         headers = Headers(scope=scope)
-        if not headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        if media_type(headers) != MULTIPART:
             raise InputError(415, "unsupported_media_type",
                              f"Content-Type {headers.get('content-type') or '(none)'}; this typed endpoint takes "
                              f"multipart/form-data with a file field {field!r} (raw bodies: POST {scope['path'][4:]})")
@@ -421,3 +432,4 @@ class Edge:
         top_k = form.get("top_k")
         if top_k is not None and (isinstance(top_k, UploadFile) or not top_k.strip().isdigit()):
             raise InputError(422, "bad_top_k", f"top_k must be an integer from 1 to 10, got {top_k!r}")
+        return form
