@@ -172,7 +172,7 @@ def _flag(request: Request, name: str) -> bool:
 
 def _top_k(request: Request, n_classes: int) -> int:
     raw = request.query_params.get("top_k", "3")
-    if not raw.isdigit() or not 1 <= int(raw) <= n_classes:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= n_classes:  # str.isdigit() takes "٣"
         raise InputError(422, "bad_top_k", f"top_k must be an integer from 1 to {n_classes}, got {raw!r}")
     return int(raw)
 
@@ -430,6 +430,6 @@ class Edge:
         if not any(isinstance(v, UploadFile) for v in form.getlist(field)):
             raise InputError(422, "missing_field", f"expected a file field named {field!r}")
         top_k = form.get("top_k")
-        if top_k is not None and (isinstance(top_k, UploadFile) or not top_k.strip().isdigit()):
+        if top_k is not None and (isinstance(top_k, UploadFile) or not (top_k.isascii() and top_k.strip().isdigit())):
             raise InputError(422, "bad_top_k", f"top_k must be an integer from 1 to 10, got {top_k!r}")
         return form

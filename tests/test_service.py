@@ -123,6 +123,7 @@ def test_request_shape_errors(client, kwargs, status, error):
 
 def test_bad_top_k_and_bad_image_in_a_batch(client):
     assert client.post("/classify?top_k=0", content=image_png(), headers={"Content-Type": "image/png"}).status_code == 422
+    assert client.post("/classify?top_k=%D9%A3", content=image_png(), headers={"Content-Type": "image/png"}).status_code == 422
     files = [("images", ("a.png", image_png(), "image/png")), ("images", ("b.png", b"junk", "image/png"))]
     r = client.post("/classify_batch", files=files)
     assert r.status_code == 400 and r.json()["detail"].startswith("image 1:")
