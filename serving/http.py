@@ -136,15 +136,20 @@ def multipart_error(err: MultiPartException, max_files: int) -> InputError:
     return InputError(400, "bad_multipart", str(err))
 
 
-async def uploads(request: Request, e, field: str, max_files: int) -> list[bytes]:
-    """The image bytes of a request: the multipart fields named `field`, or the raw body; `e`
-    holds the engine's settings (byte cap)."""
+async def receive_upload(request: Request, e, field: str) -> tuple[str, bytes]:
+    """A classify request's media type and whole body, refused with 415 for a content type that
+    carries no image and with 413 past the byte cap; `e` holds the engine's settings."""
     ctype = media_type(request.headers)
     if ctype != MULTIPART and not ctype.startswith(RAW_TYPES):
         raise InputError(415, "unsupported_media_type",
                          f"Content-Type {ctype or '(none)'}; send multipart/form-data with a file field "
                          f"{field!r}, or the image itself as image/* or application/octet-stream")
-    body = await read_body(request, e.max_bytes)
+    return ctype, await read_body(request, e.max_bytes)
+
+
+async def uploads(request: Request, ctype: str, body: bytes, e, field: str, max_files: int) -> list[bytes]:
+    """The image bytes of a received body (receive_upload): the multipart fields named `field`,
+    or the raw body itself."""
     if ctype != MULTIPART:
         return [body]
 
@@ -180,22 +185,26 @@ def _top_k(request: Request, n_classes: int) -> int:
 NOT_READY = (503, {"error": "not_ready", "detail": "the model is still warming up"}, {})
 
 
-async def classify(state: ServiceState | None, single: bool, read, t0: float) -> tuple[int, dict, dict]:
-    """Every classify route's one path: admission, reading, decoding, the micro-batcher, the
-    answer. `read(limit)` returns (top_k, show_input, image blobs), at most `limit` images as far
-    as it can tell while reading, or raises InputError; a single
-    image is admitted before its body is read, a batch once its images are counted.
+async def classify(state: ServiceState | None, single: bool, read, t0: float, receive=None) -> tuple[int, dict, dict]:
+    """Every classify route's one path: reading, admission, decoding, the micro-batcher, the
+    answer. `receive()`, when given, reads the whole body; `read(limit)` returns (top_k,
+    show_input, image blobs), at most `limit` images as far as it can tell, or raises InputError.
+    A request is admitted once its body has arrived: a single image before its body is parsed,
+    a batch once its images are counted. Admitting before the body had arrived let 32 stalled
+    uploads (headers sent, body never finished) hold every place and refuse everyone else.
     Returns (status, JSON body, headers)."""
     if state is None or not state.open.is_set():
         return NOT_READY
     engine = state.engine
     held = 0  # images this request holds in the admission count
     try:
-        if single:
-            if not state.admission.try_enter(1):
-                return overloaded(state, 1)
-            held = 1
         try:
+            if receive is not None:
+                await receive()
+            if single:
+                if not state.admission.try_enter(1):
+                    return overloaded(state, 1)
+                held = 1
             limit = 1 if single else engine.settings.max_batch_images
             k, show, blobs = await read(limit)
             if not blobs:
@@ -219,18 +228,30 @@ async def classify(state: ServiceState | None, single: bool, read, t0: float) ->
         IN_SYSTEM.set(state.admission.in_system)
 
 
-def request_reader(request: Request, state: ServiceState, field: str):
-    """`read` for classify(): top_k and show_input from the query, the images from the body."""
-    async def read(limit: int):
-        engine = state.engine
-        return (_top_k(request, len(engine.class_names)), _flag(request, "show_input"),
-                await uploads(request, engine.settings, field, limit))
-    return read
+class RequestReader:
+    """`receive` and `read` for classify(): the body first, then top_k and show_input from the
+    query and the images from the body."""
+
+    def __init__(self, request: Request, state: ServiceState, field: str) -> None:
+        self.request, self.settings, self.field = request, state.engine.settings, field
+        self.n_classes = len(state.engine.class_names)
+        self.ctype, self.body = "", b""
+
+    async def receive(self) -> None:
+        self.ctype, self.body = await receive_upload(self.request, self.settings, self.field)
+
+    async def read(self, limit: int):
+        return (_top_k(self.request, self.n_classes), _flag(self.request, "show_input"),
+                await uploads(self.request, self.ctype, self.body, self.settings, self.field, limit))
 
 
 async def classify_request(state: ServiceState | None, request: Request, field: str) -> JSONResponse:
     t0 = time.perf_counter()
-    status, body, headers = await classify(state, field == "image", request_reader(request, state, field), t0)
+    if state is None:
+        status, body, headers = NOT_READY
+    else:
+        reader = RequestReader(request, state, field)
+        status, body, headers = await classify(state, field == "image", reader.read, t0, reader.receive)
     return JSONResponse(body, status_code=status, headers=headers)
 
 

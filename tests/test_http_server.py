@@ -1,7 +1,9 @@
 """A real `bentoml serve` in a subprocess on a free port, hit over HTTP."""
 
 import concurrent.futures
+import socket
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -165,6 +167,22 @@ def test_past_the_bound_503_with_retry_after_below_it_all_200(served_model):
     try:
         wait_ready(url, proc)
         assert httpx.get(f"{url}/model", timeout=10).json()["limits"]["max_queue"] == 4
+        # twice the bound of uploads whose bodies stall half-way hold no place: they used to be
+        # admitted before their bodies arrived, and then everyone else got 503s
+        body = b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n\r\n" + png + b"\r\n--b--\r\n"
+        stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+        try:
+            for sock in stalled:
+                sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(body) + body[: len(body) // 2])
+            time.sleep(0.5)
+            assert [r.status_code for r in asyncio.run(burst(4))] == [200] * 4
+            queue = next(m for m in httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
+                         if m.startswith("nin_images_in_service"))
+            assert float(queue.split()[-1]) == 0
+        finally:
+            for sock in stalled:
+                sock.close()
         for _ in range(3):
             assert all(r.status_code == 200 for r in asyncio.run(burst(4)))
         answers = asyncio.run(burst(24))
