@@ -55,9 +55,11 @@ def start_server(model: str | Path, port: int, env: dict | None = None, quiet: b
                   {"NIN_MODEL": str(model), **(env or {})}, quiet)
 
 
-def start_reference(model: str | Path, variant: str, port: int, quiet: bool = False) -> subprocess.Popen:
-    """bench/reference.py under uvicorn, one worker, uvicorn's defaults."""
-    return _spawn([sys.executable, "-m", "uvicorn", "bench.reference:app", "--host", "127.0.0.1", "--port", str(port),
+def start_reference(model: str | Path, variant: str, port: int, quiet: bool = False,
+                    module: str = "bench.reference") -> subprocess.Popen:
+    """bench/reference.py under uvicorn, one worker, uvicorn's defaults (`module`
+    bench.reference_timed: the same app with its phases timed)."""
+    return _spawn([sys.executable, "-m", "uvicorn", f"{module}:app", "--host", "127.0.0.1", "--port", str(port),
                    "--log-level", "warning"], {"NIN_REF_MODEL": str(model), "NIN_REF_VARIANT": variant}, quiet)
 
 

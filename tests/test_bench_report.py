@@ -6,6 +6,7 @@ import sys
 from collections import Counter
 
 import httpx
+import pytest
 
 from bench.load import CpuMeter, combine_rounds, error_kind, summarize
 from bench.report import markdown
@@ -99,3 +100,55 @@ def test_bench_cli_refuses_bad_arguments_with_one_line_before_any_slow_step(caps
         err = capsys.readouterr().err
         assert says in err and err.count("\n") == 1 and err.startswith("error: "), err
         assert time.perf_counter() - t < 5
+
+
+def test_breakdown_phases_from_both_servers_own_clocks(client, served_model, monkeypatch):
+    """bench.breakdown's two halves in process: the service's timing_ms (a real answer of the
+    whole service through ASGI) and the reference's Server-Timing (bench/reference_timed.py: the
+    reference app with its clocks), each split into before / inference / after / outside."""
+    import importlib
+
+    from starlette.testclient import TestClient
+
+    from bench.breakdown import PHASES, phases_of, server_timing, table
+    from serving import page
+
+    png = (page.SAMPLES / "test0000-ankle-boot.png").read_bytes()
+    answer = client.post("/classify", files={"image": ("a.png", png, "image/png")})
+    t = answer.json()["timing_ms"]
+    service = phases_of("service", answer, t["total"] + 2.0)
+    assert service["inference"] == t["inference"] and service["in_app"] == pytest.approx(t["total"])
+    assert service["before"] == pytest.approx(t["read"] + t["decode"] + t["preprocess"] + t["queue"])
+    assert service["after"] >= 0 and service["outside"] == pytest.approx(2.0)
+
+    monkeypatch.setenv("NIN_REF_MODEL", str(served_model))
+    monkeypatch.setenv("NIN_REF_VARIANT", "int8")
+    for name in ("bench.reference_timed", "bench.reference"):  # both read the model at import
+        sys.modules.pop(name, None)
+    timed = importlib.import_module("bench.reference_timed")
+    try:
+        with TestClient(timed.app) as ref:
+            r = ref.post("/classify", files={"image": ("a.png", png, "image/png")})
+            assert r.status_code == 200 and r.json()["label"] == answer.json()["label"]
+            clocks = server_timing(r.headers["server-timing"])
+            assert set(clocks) == {"before", "inference", "after"} and all(v > 0 for v in clocks.values())
+            assert ref.get("/readyz").status_code == 200 and "server-timing" not in ref.get("/readyz").headers
+        reference = phases_of("reference", r, 50.0)
+        assert reference["in_app"] == pytest.approx(sum(clocks.values()))
+        assert reference["outside"] == pytest.approx(50.0 - reference["in_app"])
+    finally:
+        for name in ("bench.reference_timed", "bench.reference"):
+            sys.modules.pop(name, None)
+    assert server_timing("before;dur=0.8, inference;dur=6.25") == {"before": 0.8, "inference": 6.25}
+    row = {p: 1.0 for p in PHASES} | {"requests": 3}
+    assert "| int8 | service | 1.00 | 1.00 |" in table({"int8": {"service": row, "reference": row}})
+
+
+def test_breakdown_cli_refuses_bad_arguments_with_one_line(capsys, tmp_path):
+    from bench.breakdown import main
+
+    for argv, says in ((["--variants", "fp16"], "--variants takes int8"), (["--rounds", "0"], "must be positive"),
+                       (["--model", str(tmp_path)], "no exported model")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1 and err.startswith("error: "), err
