@@ -155,7 +155,7 @@ class MicroBatcher:
 
     async def _run(self, items: list, n: int, lane: int | None) -> None:
         start = time.perf_counter()
-        x = np.concatenate([x for x, _, _ in items])
+        x = items[0][0] if len(items) == 1 else np.concatenate([x for x, _, _ in items])  # one: no copy
         try:
             if lane is None and n == 1 and self.inline_single:
                 # a lone image on the latency lane runs on the event loop's own thread: nothing else
