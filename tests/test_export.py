@@ -186,6 +186,23 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert err == f"error: checkpoint not found: {tmp_path / 'nope.pt'}\n"
 
 
+def test_weights_that_do_not_fit_their_config_are_one_line(tmp_path, capsys):
+    """Was torch's paragraph-long load_state_dict RuntimeError and a traceback."""
+    import torch
+
+    from training.config import NiNConfig
+    from training.model import NiN
+
+    config = NiNConfig(image_size=72)
+    state = NiN(config).state_dict()
+    state.pop("net.0.0.bias")
+    torch.save({"model": state, "model_config": config.to_dict()}, tmp_path / "bad.pt")
+    assert export_main([str(tmp_path / "bad.pt"), "--out", str(tmp_path / "o"), "--no-register"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the weights in the checkpoint do not fit") and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_registers_in_the_bentoml_store(env, tmp_path, monkeypatch):
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
     import importlib

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,30 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a NiN checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def test_weights_that_do_not_fit_their_config_are_one_line_errors(tmp_path):
+    """A checkpoint whose weights do not match its own model config (edited, or from another
+    version) failed with torch's paragraph-long RuntimeError in `python -m export`,
+    `training.evaluate` and `--init-from`; a config that is not a mapping got a nonsense list of
+    'unknown keys'; an impossible image size failed deep inside a max-pool."""
+    from training.checkpoint import load_weights
+
+    model = NiN(NiNConfig(image_size=72))
+    good = {"model": model.state_dict(), "model_config": NiNConfig(image_size=72).to_dict()}
+    model_from_checkpoint(good)
+    for change, says in (({"model_config": {**good["model_config"], "num_1x1": 3}}, "do not fit its model config"),
+                         ({"model": {k: v for k, v in list(good["model"].items())[:-1]}}, "1 missing (first: "),
+                         ({"model": {**good["model"], "net.0.0.weight": torch.zeros(3, 3)}}, "1 of the wrong shape"),
+                         ({"model": [1, 2]}, "holds no weights"),
+                         ({"model_config": "width=1"}, "must be a mapping"),
+                         ({"model_config": {**good["model_config"], "image_size": 66}}, "at least 67")):
+        with pytest.raises(ValueError, match=re.escape(says)) as err:
+            model_from_checkpoint({**good, **change})
+        assert "\n" not in str(err.value) and len(str(err.value)) < 300, str(err.value)
+    with pytest.raises(ValueError, match="in run/x.pt do not fit"):
+        load_weights(model, {}, "run/x.pt")
+    NiN(NiNConfig(image_size=67)).eval()(torch.zeros(1, 1, 67, 67))  # the smallest input NiN takes
 
 
 def test_max_steps_run_still_evaluates_and_writes_everything(tiny_data, tmp_path):
@@ -148,6 +173,7 @@ def test_nan_loss_stops_with_a_clear_message(tiny_data, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--epochs", "0"], "--epochs must be positive"),
     (["--max-steps", "-1"], "--max-steps must be positive"),
+    (["--low-res-epochs", "1", "--low-res-size", "32"], "--low-res-size must be at least 67"),
     (["--data-dir", "/nonexistent"], "apt-get install dataset-fashion-mnist"),
 ])
 def test_bad_arguments_exit_with_one_line(argv, message, tmp_path, monkeypatch, capsys):
@@ -261,6 +287,9 @@ def test_training_profile_cli_on_the_cpu(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "training.profile", "--steps", "0"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --steps must be positive, got 0"
+    small = subprocess.run([sys.executable, "-m", "training.profile", "--image-size", "32"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)  # was torch's "Output size is too small"
+    assert small.returncode == 2 and small.stderr.strip() == "error: --image-size must be at least 67 (NiN's smallest input), got 32"
 
 
 def test_a_missing_data_dir_stops_the_run_in_one_line(tmp_path):

@@ -56,8 +56,24 @@ def model_from_checkpoint(ckpt: dict) -> tuple[NiN, NiNConfig]:
     """Rebuild the network from the checkpoint alone, in eval mode on the CPU."""
     config = NiNConfig.from_dict(ckpt["model_config"])
     model = NiN(config)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"])
     return model.eval(), config
+
+
+def load_weights(model: torch.nn.Module, state: dict, source: str = "the checkpoint") -> None:
+    """load_state_dict, with a mismatch said in one line (torch's message is a paragraph)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{source} holds no weights (its 'model' is a {type(state).__name__}, not a state dict)")
+    own = model.state_dict()
+    problems = {
+        "missing": [k for k in own if k not in state],
+        "unexpected": [k for k in state if k not in own],
+        "of the wrong shape": [k for k in own if k in state and getattr(state[k], "shape", None) != own[k].shape],
+    }
+    if any(problems.values()):
+        said = "; ".join(f"{len(keys)} {what} (first: {keys[0]})" for what, keys in problems.items() if keys)
+        raise ValueError(f"the weights in {source} do not fit its model config: {said}")
+    model.load_state_dict(state)
 
 
 def command_from_args(args: dict) -> str | None:

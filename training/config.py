@@ -24,6 +24,11 @@ FASHION_MNIST_CLASSES = (
 )
 
 
+# NiN's smallest input: an 11x11 stride-4 convolution, then three 3x3 stride-2 max-pools, each
+# needing at least 3x3 (67 -> 15 -> 7 -> 3 -> 1). Smaller inputs fail inside the last pool.
+MIN_IMAGE_SIZE = 67
+
+
 @dataclass(frozen=True)
 class NiNConfig:
     """Architecture (d2l chapter 8.3 by default) and the input contract it was trained on."""
@@ -54,6 +59,14 @@ class NiNConfig:
     class_names: tuple[str, ...] = field(default=FASHION_MNIST_CLASSES)
 
     def __post_init__(self) -> None:
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE} (NiN's three 3x3/2 max-pools after its "
+                             f"11x11/4 convolution), got {self.image_size}")
+        for name in ("in_channels", "num_classes", "source_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (self.scale > 0 and self.std > 0):
+            raise ValueError(f"scale and std must be > 0, got {self.scale} and {self.std}")
         if not 0 <= self.num_1x1 <= 3:
             raise ValueError(f"num_1x1 must be 0..3, got {self.num_1x1}")
         if not 0.0 <= self.dropout < 1.0:
@@ -83,6 +96,8 @@ class NiNConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "NiNConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a model config must be a mapping of NiNConfig fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

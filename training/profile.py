@@ -18,7 +18,7 @@ from collections import Counter
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from training.config import NiNConfig
+from training.config import MIN_IMAGE_SIZE, NiNConfig
 from training.engine import train_one_epoch
 from training.model import NiN, init_weights
 from training.runtime import Runtime, hardware_name, make_runtime, peak_memory_mb
@@ -107,9 +107,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
-        for name in ("batch_size", "steps", "image_size"):
+        for name in ("batch_size", "steps"):
             if getattr(args, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        if args.image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"--image-size must be at least {MIN_IMAGE_SIZE} (NiN's smallest input), got {args.image_size}")
         rt = make_runtime(args.device, args.amp, "auto")
         summary, table = run_profile(rt, args.batch_size, args.steps, args.image_size, args.warmup, width=args.width)
     except (ValueError, RuntimeError) as e:

@@ -15,8 +15,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from training.checkpoint import atomic_write, load_checkpoint, parent_record, save_checkpoint
-from training.config import NiNConfig
+from training.checkpoint import atomic_write, load_checkpoint, load_weights, parent_record, save_checkpoint
+from training.config import MIN_IMAGE_SIZE, NiNConfig
 from training.data import DataNotFoundError, find_data_root, load_split
 from training.engine import NonFiniteLossError, evaluate, per_class_accuracy, train_one_epoch
 from training.model import NiN, init_weights
@@ -92,6 +92,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--max-steps must be positive, got {args.max_steps}")
     if args.target_acc is not None and not 0 < args.target_acc <= 1:
         raise ValueError(f"--target-acc must be in (0, 1], got {args.target_acc}")
+    if args.low_res_epochs and args.low_res_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"--low-res-size must be at least {MIN_IMAGE_SIZE} (NiN's smallest input), got {args.low_res_size}")
     return args
 
 
@@ -182,7 +184,7 @@ def main(args: argparse.Namespace) -> int:
         source = load_checkpoint(args.init_from)
         if NiNConfig.from_dict(source["model_config"]) != config:
             raise ValueError(f"--init-from {args.init_from}: its model config differs from this run's")
-        model.load_state_dict(source["model"])
+        load_weights(model, source["model"], args.init_from)
         log.info("weights from %s", args.init_from)
     model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
     if args.lr_find:
@@ -194,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)
     metrics, start_epoch, skip = [], 0, 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"], "the checkpoint to resume")
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         metrics, start_epoch, skip = ckpt["metrics"], ckpt["epoch"], ckpt["batch_in_epoch"]
