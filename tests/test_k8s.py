@@ -111,3 +111,19 @@ def test_the_validator_catches_a_broken_manifest():
     broken["spec"]["replicas"] = "two"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, KUBERNETES, strict=True)
+
+
+def test_the_ingress_reaches_the_service_and_buffers_whole_bodies_up_to_the_service_s_cap():
+    """ingress-nginx's own default body limit (1m) would answer a 2 MB phone photo with nginx's
+    HTML 413; the service takes up to NIN_MAX_BYTES and buffering keeps slow uploads in nginx."""
+    from serving.engine import Settings
+
+    (path, ing), = by_kind("Ingress")
+    assert path.parts[0] == "ingress" and "ingress" not in str(yaml.safe_load((K8S / "kustomization.yaml").read_text()))
+    (_, svc), = [(p, d) for p, d in by_kind("Service") if d["metadata"]["name"] == "nin-fashion-mnist"]
+    backend = ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend["name"] == svc["metadata"]["name"] and backend["port"]["name"] in {p["name"] for p in svc["spec"]["ports"]}
+    notes = ing["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "on"
+    size = re.fullmatch(r"(\d+)m", notes["nginx.ingress.kubernetes.io/proxy-body-size"])
+    assert size and int(size.group(1)) * 2**20 >= Settings().max_bytes  # the default cap
