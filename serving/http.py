@@ -24,8 +24,8 @@ from starlette.responses import JSONResponse
 from serving import forms, imaging, page
 from serving.admission import Admission
 from serving.batching import MicroBatcher
-from serving.forms import MULTIPART, media_type
 from serving.engine import Engine
+from serving.forms import MULTIPART, media_type
 from serving.imaging import InputError
 from serving.schemas import (SHOW_INPUT_PARAM, TOP_K_PARAM, BatchClassification, Classification, ModelInfo,
                              error_responses, image_request_body)
