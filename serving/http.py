@@ -115,9 +115,9 @@ def overloaded(state: ServiceState, n: int) -> tuple[int, dict, dict]:
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The body, refused with 413 as soon as it passes `max_bytes` (declared or streamed)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise InputError(413, "body_too_large", f"{int(declared):,} bytes declared; the limit is {max_bytes:,}")
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > max_bytes):
+        raise InputError(413, "body_too_large", f"{declared} bytes declared; the limit is {max_bytes:,}")
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
@@ -175,11 +175,22 @@ def _flag(request: Request, name: str) -> bool:
     return raw in ("1", "true", "yes")
 
 
+def parse_top_k(raw, n_classes: int | None) -> int:
+    """top_k as a client sent it (query parameter or form field), checked in one place: ASCII
+    digits only (str.isdigit() is true for "٣" and "²", which int() then refuses), at most three
+    of them (int() refuses a string of over 4,300 digits: that was a 500), from 1 to n_classes
+    (unchecked when None: no model loaded yet, and the route will answer 503 anyway)."""
+    text = raw.strip() if isinstance(raw, str) else ""
+    k = int(text) if text and len(text) <= 3 and text.isascii() and text.isdigit() else 0
+    if not 1 <= k <= (n_classes or 999):
+        limit = f"from 1 to {n_classes}" if n_classes else "from 1 to the number of classes"
+        shown = (raw if len(raw) <= 20 else raw[:20] + "...") if isinstance(raw, str) else "a file"
+        raise InputError(422, "bad_top_k", f"top_k must be an integer {limit}, got {shown!r}")
+    return k
+
+
 def _top_k(request: Request, n_classes: int) -> int:
-    raw = request.query_params.get("top_k", "3")
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= n_classes:  # str.isdigit() takes "٣"
-        raise InputError(422, "bad_top_k", f"top_k must be an integer from 1 to {n_classes}, got {raw!r}")
-    return int(raw)
+    return parse_top_k(request.query_params.get("top_k", "3"), n_classes)
 
 
 NOT_READY = (503, {"error": "not_ready", "detail": "the model is still warming up"}, {})
@@ -354,10 +365,7 @@ async def classify_files(state: ServiceState | None, blobs: list[bytes], single:
     """The typed BentoML endpoints' path (service.py): classify() on file contents BentoML has
     already read. (status, body, headers)."""
     async def read(limit: int):  # the blobs are read already: classify() checks their count
-        n = len(state.engine.class_names)
-        if not 1 <= top_k <= n:
-            raise InputError(422, "bad_top_k", f"top_k must be an integer from 1 to {n}, got {top_k}")
-        return top_k, False, blobs
+        return parse_top_k(str(top_k), len(state.engine.class_names)), False, blobs
 
     return await classify(state, single, read, t0)
 
@@ -450,7 +458,7 @@ class Edge:
             raise InputError(422, "unknown_field", f"fields {unknown}; expected a file field {field!r} and optionally top_k")
         if not any(isinstance(v, UploadFile) for v in form.getlist(field)):
             raise InputError(422, "missing_field", f"expected a file field named {field!r}")
-        top_k = form.get("top_k")
-        if top_k is not None and (isinstance(top_k, UploadFile) or not (top_k.isascii() and top_k.strip().isdigit())):
-            raise InputError(422, "bad_top_k", f"top_k must be an integer from 1 to 10, got {top_k!r}")
+        if (top_k := form.get("top_k")) is not None:  # before BentoML's own int parser sees it (a 500 or its 400)
+            state = state_of_app(self.routes_app) if self.routes_app is not None else None
+            parse_top_k(top_k, len(state.engine.class_names) if state is not None else None)
         return form

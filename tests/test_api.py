@@ -49,6 +49,10 @@ def test_typed_endpoint_bad_images_get_the_same_4xx_json(client, name):
     # str.isdigit() is true for "٣" (Arabic-Indic 3), which BentoML's int parser refuses with its own 400
     (dict(files={"image": ("x.png", b"x", "image/png")}, data={"top_k": "\u0663"}), 422, "bad_top_k"),
     (dict(files={"image": ("x.png", b"x", "image/png")}, data={"top_k": "0"}), 422, "bad_top_k"),
+    (dict(files={"image": ("x.png", b"x", "image/png")}, data={"top_k": "11"}), 422, "bad_top_k"),
+    (dict(files={"image": ("x.png", b"x", "image/png")}, data={"top_k": "\u00b2"}), 422, "bad_top_k"),
+    # int() refuses over 4,300 digits: BentoML answered a 500
+    (dict(files={"image": ("x.png", b"x", "image/png")}, data={"top_k": "1" * 5000}), 422, "bad_top_k"),
     (dict(content=b"--x\r\nbroken", headers={"Content-Type": "multipart/form-data; boundary=x"}), 422, "missing_field"),
 ])
 def test_typed_endpoint_request_errors_are_4xx_json_objects_never_500(client, kwargs, status, error):

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from serving import imaging
+from serving import http, imaging
 from serving.engine import Engine, Settings
 from serving.model_files import ModelLoadError
 from tests.conftest import png_bytes
@@ -121,9 +121,38 @@ def test_request_shape_errors(client, kwargs, status, error):
     assert client.post("/classify", content=image_png(), headers={"Content-Type": "image/png"}).status_code == 200
 
 
-def test_bad_top_k_and_bad_image_in_a_batch(client):
-    assert client.post("/classify?top_k=0", content=image_png(), headers={"Content-Type": "image/png"}).status_code == 422
-    assert client.post("/classify?top_k=%D9%A3", content=image_png(), headers={"Content-Type": "image/png"}).status_code == 422
+@pytest.mark.parametrize("raw, n, expected", [
+    ("3", 10, 3), (" 7 ", 10, 7), ("010", 10, 10), ("10", None, 10),
+    ("0", 10, None), ("11", 10, None), ("-1", 10, None), ("", 10, None), ("three", 10, None),
+    ("\u0663", 10, None),  # Arabic-Indic 3: str.isdigit() is true, int() takes it, BentoML's parser does not
+    ("\u00b2", 10, None),  # superscript 2: str.isdigit() is true, int() refuses it
+    ("1" * 5000, 10, None),  # int() refuses over 4,300 digits: that was a 500 on every route
+    ("1000", None, None), (b"3", 10, None),
+])
+def test_parse_top_k(raw, n, expected):
+    if expected is not None:
+        assert http.parse_top_k(raw, n) == expected
+        return
+    with pytest.raises(http.InputError) as err:
+        http.parse_top_k(raw, n)
+    assert err.value.status == 422 and err.value.error == "bad_top_k" and len(err.value.detail) < 100
+
+
+@pytest.mark.parametrize("query", ["top_k=0", "top_k=%D9%A3", "top_k=%C2%B2", "top_k=" + "1" * 5000])
+def test_bad_top_k_is_a_422(client, query):
+    r = client.post(f"/classify?{query}", content=image_png(), headers={"Content-Type": "image/png"})
+    assert r.status_code == 422 and r.json()["error"] == "bad_top_k", r.text
+
+
+def test_content_length_in_odd_digits_is_not_a_500(client):
+    """llhttp refuses these before the app over a real socket; the app must not fail on them either."""
+    for declared in ("\u00b2", "9" * 5000):
+        r = client.post("/classify", content=image_png(),
+                        headers={"Content-Type": "image/png", "Content-Length": declared.encode("latin-1")})
+        assert r.status_code < 500, (declared[:10], r.text)
+
+
+def test_bad_image_in_a_batch(client):
     files = [("images", ("a.png", image_png(), "image/png")), ("images", ("b.png", b"junk", "image/png"))]
     r = client.post("/classify_batch", files=files)
     assert r.status_code == 400 and r.json()["detail"].startswith("image 1:")
@@ -140,8 +169,6 @@ def test_routes_wait_for_warm_up_on_their_own_app_and_engine(served_model):
     """The routes' state lives on what attach() gives an app, not in a module: a fresh app with
     a fresh, cold engine answers 503 not_ready, then 200 once that engine is warm and the
     overload bound armed (what /readyz waits for)."""
-    from serving import http
-
     app, engine = http.make_app(), Engine(Settings(model=str(served_model), max_batch_size=2, lanes=0))
     state = http.ServiceState(engine)
     http.attach(app, state)
