@@ -298,3 +298,18 @@ def test_a_missing_data_dir_stops_the_run_in_one_line(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --data-dir /no/such/folder does not exist (train-images-idx3-ubyte, ")
     assert "apt-get install dataset-fashion-mnist" in last
+
+
+@pytest.mark.parametrize("flags, isa", [
+    ({"avx2", "fma"}, "AVX2, no VNNI"),
+    ({"avx2", "avx_vnni"}, "AVX2 + AVX-VNNI"),
+    ({"avx2", "avx512f"}, "AVX-512, no VNNI"),
+    ({"avx2", "avx512f", "avx512_vnni"}, "AVX-512 VNNI"),
+    ({"avx2", "avx512f", "avx512_vnni", "amx_int8"}, "AMX"),
+    ({"sse4_2"}, "no AVX2"),
+])
+def test_cpu_figures_name_the_vector_instructions(flags, isa):
+    """The same 2-core EPYC VM ran int8 at 5.5 ms (AVX2) and 2.2 ms (AVX-512 VNNI) per image."""
+    from training.runtime import cpu_isa, hardware_name
+    assert cpu_isa(flags) == isa
+    assert hardware_name(torch.device("cpu")).endswith(")")
