@@ -309,7 +309,7 @@ def test_a_missing_data_dir_stops_the_run_in_one_line(tmp_path):
     ({"sse4_2"}, "no AVX2"),
 ])
 def test_cpu_figures_name_the_vector_instructions(flags, isa):
-    """The same 2-core EPYC VM ran int8 at 5.5 ms (AVX2) and 2.2 ms (AVX-512 VNNI) per image."""
+    """This project's 2-core EPYC VMs ran int8 at 5.5 ms (AVX2) and 2.2 ms (AVX-512 VNNI) per image."""
     from training.runtime import cpu_isa, hardware_name
     assert cpu_isa(flags) == isa
     assert hardware_name(torch.device("cpu")).endswith(")")
