@@ -36,13 +36,15 @@ def test_a_few_steps_overfit_one_batch():
     x, y = to_model_input(x_u8, cfg), torch.arange(8) % 10
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     losses = []
-    for _ in range(15):
+    for _ in range(30):
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    # 15 steps to half the first loss held on the AVX2 VMs, but ended at 0.505x on an AVX-512 one
+    # (other kernels, another trajectory); 30 steps reach 0.16x there, seeds 0-3: 0.02-0.16x
+    assert losses[-1] < 0.35 * losses[0], losses
 
 
 def test_checkpoint_round_trip_is_weights_only_and_atomic(tmp_path):
