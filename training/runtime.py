@@ -42,7 +42,7 @@ def cpu_has_bf16() -> bool:
 
 def cpu_isa(flags: set[str]) -> str:
     """The vector instructions that set this model's CPU speed, from /proc/cpuinfo's flags:
-    int8 runs ~2.3x faster with AVX-512 VNNI than with AVX2 alone (README "Benchmark"), so a CPU
+    int8 runs ~2.5x faster with AVX-512 VNNI than with AVX2 alone (README "Benchmark"), so a CPU
     figure means little without them."""
     if "amx_int8" in flags:
         return "AMX"
