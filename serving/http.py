@@ -25,7 +25,6 @@ from serving import forms, imaging, page
 from serving.admission import Admission
 from serving.batching import MicroBatcher
 from serving.engine import Engine
-from serving.forms import MULTIPART, media_type
 from serving.imaging import InputError
 from serving.schemas import (SHOW_INPUT_PARAM, TOP_K_PARAM, BatchClassification, Classification, ModelInfo,
                              error_responses, image_request_body)
@@ -136,11 +135,25 @@ def multipart_error(err: MultiPartException, max_files: int) -> InputError:
     return InputError(400, "bad_multipart", str(err))
 
 
+async def parse_multipart(headers: Headers, body: bytes, max_files: int, max_bytes: int) -> FormData:
+    """A multipart body already held whole, parsed by Starlette (at most `max_files` files, 16
+    fields, `max_bytes` a part); a bad one is a 4xx InputError (multipart_error). The caller
+    closes the form (its files may be spooled to disk)."""
+    async def stream():
+        yield body
+
+    try:
+        return await MultiPartParser(headers, stream(), max_files=max_files, max_fields=16,
+                                     max_part_size=max_bytes).parse()
+    except MultiPartException as err:
+        raise multipart_error(err, max_files) from None
+
+
 async def receive_upload(request: Request, e, field: str) -> tuple[str, bytes]:
     """A classify request's media type and whole body, refused with 415 for a content type that
     carries no image and with 413 past the byte cap; `e` holds the engine's settings."""
-    ctype = media_type(request.headers)
-    if ctype != MULTIPART and not ctype.startswith(RAW_TYPES):
+    ctype = forms.media_type(request.headers)
+    if ctype != forms.MULTIPART and not ctype.startswith(RAW_TYPES):
         raise InputError(415, "unsupported_media_type",
                          f"Content-Type {ctype or '(none)'}; send multipart/form-data with a file field "
                          f"{field!r}, or the image itself as image/* or application/octet-stream")
@@ -150,22 +163,17 @@ async def receive_upload(request: Request, e, field: str) -> tuple[str, bytes]:
 async def uploads(request: Request, ctype: str, body: bytes, e, field: str, max_files: int) -> list[bytes]:
     """The image bytes of a received body (receive_upload): the multipart fields named `field`,
     or the raw body itself."""
-    if ctype != MULTIPART:
+    if ctype != forms.MULTIPART:
         return [body]
-
-    async def stream():
-        yield body
-
+    form = await parse_multipart(Headers(scope=request.scope), body, max_files, e.max_bytes)
     try:
-        form = await MultiPartParser(Headers(scope=request.scope), stream(), max_files=max_files,
-                                     max_fields=16, max_part_size=e.max_bytes).parse()
-    except MultiPartException as err:
-        raise multipart_error(err, max_files) from None
-    files = [v for v in form.getlist(field) if isinstance(v, UploadFile)]
-    if not files:
-        got = sorted(form.keys())
-        raise InputError(422, "missing_field", f"expected a file field named {field!r}; got {got or 'no fields'}")
-    return [await f.read() for f in files]
+        files = [v for v in form.getlist(field) if isinstance(v, UploadFile)]
+        if not files:
+            got = sorted(form.keys())
+            raise InputError(422, "missing_field", f"expected a file field named {field!r}; got {got or 'no fields'}")
+        return [await f.read() for f in files]
+    finally:
+        await form.close()
 
 
 def _flag(request: Request, name: str) -> bool:
@@ -440,25 +448,21 @@ class Edge:
 
     async def _check_form(self, scope, body: bytes, field: str) -> FormData:
         headers = Headers(scope=scope)
-        if media_type(headers) != MULTIPART:
+        if forms.media_type(headers) != forms.MULTIPART:
             raise InputError(415, "unsupported_media_type",
                              f"Content-Type {headers.get('content-type') or '(none)'}; this typed endpoint takes "
                              f"multipart/form-data with a file field {field!r} (raw bodies: POST {scope['path'][4:]})")
-
-        async def stream():
-            yield body
-
+        form = await parse_multipart(headers, body, self.max_files, self.max_bytes)
         try:
-            form = await MultiPartParser(headers, stream(), max_files=self.max_files, max_fields=16,
-                                         max_part_size=self.max_bytes).parse()
-        except MultiPartException as err:
-            raise multipart_error(err, self.max_files) from None
-        unknown = sorted(set(form.keys()) - {field, "top_k"})
-        if unknown:
-            raise InputError(422, "unknown_field", f"fields {unknown}; expected a file field {field!r} and optionally top_k")
-        if not any(isinstance(v, UploadFile) for v in form.getlist(field)):
-            raise InputError(422, "missing_field", f"expected a file field named {field!r}")
-        if (top_k := form.get("top_k")) is not None:  # before BentoML's own int parser sees it (a 500 or its 400)
-            state = state_of_app(self.routes_app) if self.routes_app is not None else None
-            parse_top_k(top_k, len(state.engine.class_names) if state is not None else None)
+            unknown = sorted(set(form.keys()) - {field, "top_k"})
+            if unknown:
+                raise InputError(422, "unknown_field", f"fields {unknown}; expected a file field {field!r} and optionally top_k")
+            if not any(isinstance(v, UploadFile) for v in form.getlist(field)):
+                raise InputError(422, "missing_field", f"expected a file field named {field!r}")
+            if (top_k := form.get("top_k")) is not None:  # before BentoML's own int parser sees it (a 500 or its 400)
+                state = state_of_app(self.routes_app) if self.routes_app is not None else None
+                parse_top_k(top_k, len(state.engine.class_names) if state is not None else None)
+        except InputError:
+            await form.close()  # a refused form's files; Edge closes an accepted one
+            raise
         return form
