@@ -30,14 +30,25 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
 
+def cpu_info() -> tuple[str, set[str] | None]:
+    """/proc/cpuinfo's first model name and flags: ('unknown CPU', None) where it cannot be read."""
+    model, flags = "unknown CPU", None
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and flags is None:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return model, flags
+
+
 def cpu_has_bf16() -> bool:
     """AVX-512 BF16 or AMX: where bf16 autocast pays off on the CPU (2.2x fp32 measured on this
     project's AVX-512 BF16 VM at 224 px; 9x slower than fp32 on its AVX2 VMs: README "Training")."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    flags = cpu_info()[1] or set()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def cpu_isa(flags: set[str]) -> str:
@@ -61,15 +72,7 @@ def hardware_name(device: torch.device) -> str:
     """'NVIDIA H100 80GB HBM3' or '2-core AMD EPYC (AVX2, no VNNI)': what a README figure should name."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model, flags = "unknown CPU", None
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and flags is None:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    model, flags = cpu_info()
     return f"{os.cpu_count()}-core {model}" + (f" ({cpu_isa(flags)})" if flags is not None else "")
 
 
