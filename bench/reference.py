@@ -21,11 +21,12 @@ import onnxruntime as ort
 from fastapi import FastAPI, File, UploadFile
 from PIL import Image
 
-FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+from serving.model_files import CARD, VARIANT_FILES
+
 folder = Path(os.environ.get("NIN_REF_MODEL", "models/nin-fashion-mnist"))
-card = json.loads((folder / "card.json").read_text())
+card = json.loads((folder / CARD).read_text())
 contract, classes = card["input_contract"], card["class_names"]
-session = ort.InferenceSession(str(folder / FILES[os.environ.get("NIN_REF_VARIANT", "int8")]),
+session = ort.InferenceSession(str(folder / VARIANT_FILES[os.environ.get("NIN_REF_VARIANT", "int8")]),
                                providers=["CPUExecutionProvider"])
 app = FastAPI()
 

@@ -18,14 +18,14 @@ from export.checks import CheckFailed, accuracy_gate, assert_parity, parity
 from export.onnx_io import OPSET, export_onnx, load_model, write_metadata
 from export.variants import convert_fp16, cpu_session, cuda_session, ms_per_image, quantize_int8, run_batched
 from serving.imaging import as_uploads, normalize
-from serving.model_files import sha256 as sha256_file
+from serving.model_files import CARD, VARIANT_FILES, sha256 as sha256_file
 from training.checkpoint import load_checkpoint, model_from_checkpoint, training_summary
 from training.data import find_data_root, load_split
 from training.plots import plot_confusion
 
 log = logging.getLogger("export")
 
-FP32, INT8, FP16 = "model.onnx", "model.int8.onnx", "model.fp16.onnx"
+FP32, INT8, FP16 = (VARIANT_FILES[v] for v in ("fp32", "int8", "fp16"))
 SHAPE_BATCHES = (1, 2, 7, 64)
 
 
@@ -211,7 +211,7 @@ def _export_into(tmp: Path, checkpoint: Path, ckpt: dict, model, config, opts: E
     card["files"] = files
     plot_confusion(confusion, config.class_names, tmp / "confusion.png",
                    title=f"ONNX fp32: test accuracy {base_acc:.4f} on {len(labels):,} images")
-    (tmp / "card.json").write_text(json.dumps(card, indent=1))
+    (tmp / CARD).write_text(json.dumps(card, indent=1))
     (tmp / "card.md").write_text(card_markdown(card))
     (tmp / "report.txt").write_text("\n".join(opts.report) + "\n")
     return card

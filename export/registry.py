@@ -7,6 +7,8 @@ from pathlib import Path
 
 import bentoml
 
+from serving.model_files import VARIANT_FILES
+
 
 def register(folder: Path, card: dict, name: str) -> str:
     labels = {
@@ -19,7 +21,7 @@ def register(folder: Path, card: dict, name: str) -> str:
         "test_accuracy": card["test_accuracy"],
         "test_images": card["test_images"],
         "opset": card["opset"],
-        "model_sha256": card["files"]["model.onnx"]["sha256"],
+        "model_sha256": card["files"][VARIANT_FILES["fp32"]]["sha256"],
         "checkpoint_sha256": card["checkpoint_sha256"],
     }
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:

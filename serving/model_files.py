@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "nin-fashion-mnist"
+# An exported model folder: these files, named here once for export, serving and bench.
+CARD = "card.json"
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 
 
@@ -30,7 +32,7 @@ def resolve(source: str | None) -> Path:
             path = Path(bentoml.models.get(source).path)
         except Exception as e:
             raise ModelLoadError(f"model {source!r} is neither a folder nor a BentoML model tag ({type(e).__name__}: {e})") from None
-    if not (path / "card.json").is_file():
+    if not (path / CARD).is_file():
         raise ModelLoadError(f"no card.json in {path}: export a checkpoint there with `python -m export CKPT --out {path}`")
     return path
 
@@ -47,12 +49,12 @@ def sha256(path: str | os.PathLike) -> str:
 
 def load_card(folder: Path) -> dict:
     try:
-        card = json.loads((folder / "card.json").read_text())
+        card = json.loads((folder / CARD).read_text())
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{folder / 'card.json'} is unreadable ({type(e).__name__}: {e})") from None
+        raise ModelLoadError(f"{folder / CARD} is unreadable ({type(e).__name__}: {e})") from None
     for key in ("class_names", "input_contract", "files"):
         if key not in card:
-            raise ModelLoadError(f"{folder / 'card.json'} lacks {key!r}: re-export the model")
+            raise ModelLoadError(f"{folder / CARD} lacks {key!r}: re-export the model")
     return card
 
 

@@ -31,3 +31,25 @@ def test_no_training_checkpoint_is_tracked():
     """Checkpoints live in git history only (README: `git show COMMIT:runs/NAME/last.pt`)."""
     pts = [str(p.relative_to(ROOT)) for p in tracked_files() if p.suffix == ".pt"]
     assert pts == [], f"checkpoints are tracked again: {pts}"
+
+
+def test_layers_point_one_way():
+    """training/ never imports serving/, and serving/ never imports training/, export/ or torch
+    (the served package stays small). Only the exercise grid, which times exports, uses export/."""
+    import ast
+
+    def imported(package: str) -> set[str]:
+        names = set()
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names |= {f"{path.relative_to(ROOT)}: {a.name}" for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names.add(f"{path.relative_to(ROOT)}: {node.module}")
+        return names
+
+    def offending(package: str, *banned: str) -> list[str]:
+        return sorted(n for n in imported(package) if n.split(": ")[1].split(".")[0] in banned)
+
+    assert offending("training", "serving", "bench") == []
+    assert offending("serving", "training", "export", "bench", "torch") == []

@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import torch
 
 from training.config import NiNConfig
-from serving.model_files import sha256
 from training.model import NiN
+
+
+def sha256(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:

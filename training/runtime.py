@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-from serving.procfs import read_status_kb, reset_peak_rss  # noqa: F401 - re-exported for training.stats
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +119,21 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return (read_status_kb("VmHWM") or 0) / 1024
+
+
+def read_status_kb(field: str) -> int | None:
+    """A field of /proc/self/status in kB (VmRSS, VmHWM), or None off Linux."""
+    try:
+        found = re.search(rf"^{field}:\s+(\d+)", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(found[1]) if found else None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM (peak RSS) to the current RSS (Linux: 5 to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False

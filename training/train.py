@@ -135,7 +135,7 @@ def epoch_batches(n: int, args, rt: Runtime, epoch: int, device: torch.device | 
 
 def write_metrics(out: Path, metrics: list[dict]) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(metrics[0]))
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for m in metrics for k in m)))  # rows of older runs lack columns
     w.writeheader()
     w.writerows(metrics)
     atomic_write(out / "metrics.csv", lambda tmp: tmp.write_text(buf.getvalue()))
@@ -248,6 +248,7 @@ def main(args: argparse.Namespace) -> int:
         def on_step(done: int, epoch=epoch, first=skip) -> None:
             if rt.is_main and args.checkpoint_every and done % args.checkpoint_every == 0:
                 save_checkpoint(checkpoint(epoch, first + done), out / "last.pt")
+                log.info("epoch %d, batch %d/%d: saved %s", epoch + 1, first + done, steps_per_epoch, out / "last.pt")
 
         try:
             tr = train_one_epoch(model, optimizer, scheduler, train_x, train_y, batches, config, rt,
@@ -277,6 +278,7 @@ def main(args: argparse.Namespace) -> int:
             "lr": scheduler.get_last_lr()[0], "img_per_s": round(tr["n"] / max(tr["seconds"], 1e-9), 1),
             "epoch_seconds": round(tr["seconds"], 1), "peak_mem_mb": round(peak_memory_mb(rt.device), 1),
             "per_class_acc": json.dumps([round(a, 4) for a in per_class_accuracy(ev["confusion"])]),
+            "hardware": runtime_info["hardware"], "amp": str(rt.amp_dtype).removeprefix("torch."),
         }
         metrics.append(row)
         if rt.is_main:
