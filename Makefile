@@ -52,7 +52,7 @@ container: $(STAMP)
 container-run:
 	bash scripts/container.sh run $(PORT)
 
-# The GPU half, proven in one prepared run on the GPU machine (scripts/gpu_proof.py; README "GPU"):
+# The GPU half, proven in one prepared run on the GPU machine (scripts/gpu_proof.py; docs/gpu.md):
 #   make gpu-proof OUT=folder DATA=folder-with-the-4-idx-files [STAGE=grid]   on the GPU
 #   make gpu-proof OUT=/tmp/proof DRY=1                                        CPU dry run (the tests run it)
 # No venv there: the GPU machine's python3 has torch; here the venv's python is used.
@@ -62,7 +62,7 @@ gpu-proof:
 	$(GPU_PY) scripts/gpu_proof.py --out "$(OUT)" $(if $(DRY),--dry-run) $(if $(DATA),--data-dir "$(DATA)") $(if $(STAGE),--stage $(STAGE))
 
 # Stage 4's luggage: onnxruntime-gpu, bentoml and their wheels for the GPU machine's Python 3.12,
-# in parts that each fit one transfer beside the tree (scripts/gpu_parts.py; README "GPU").
+# in parts that each fit one transfer beside the tree (scripts/gpu_parts.py; docs/gpu.md).
 gpu-parts: $(STAMP)
 	$(BIN)/python scripts/gpu_parts.py prepare --out .gpu/parts
 

@@ -1,6 +1,6 @@
 """Stage 4 of the GPU proof: onnxruntime's CUDA provider and `bentoml serve` on the GPU (issue 12).
 
-Run on the GPU machine after `scripts/gpu_parts.py assemble` (README "GPU"):
+Run on the GPU machine after `scripts/gpu_parts.py assemble` (docs/gpu.md):
 
     PYTHONPATH=/tmp/site python3 scripts/gpu_serve_proof.py --out $OUT --data-dir .gpu/data
 

@@ -11,7 +11,7 @@ HTTP layer adds its own wait. With half the budget, warm-up noise alone (a batch
 or 90 ms) made the int8 bound 48 or 32 images from one start to the next; 40 % gives 32 for both.
 What the bound does not set is the tail at c=256: at 16, 32 and 48 images the admitted p99 on
 2 cores measured 531-697, 451-604 and 532 ms, while the handler's own time fell from ~220 to
-~130 ms at 16 (README "Benchmark").
+~130 ms at 16 (docs/benchmark.md).
 """
 
 from __future__ import annotations

@@ -385,7 +385,7 @@ class Edge:
     state of `app` (the FastAPI app above), skipping the ten ASGI layers between here and the
     FastAPI handler (BentoML's context, Starlette's and FastAPI's exception, body-limit and routing
     middlewares, dependency solving): on 2 cores that framework is ~0.5 ms of the event loop per
-    request (README "Benchmark"). The FastAPI routes stay: they document these paths in
+    request (docs/benchmark.md). The FastAPI routes stay: they document these paths in
     /docs.json and answer any other method. BentoML's outer middlewares (timeout, concurrency
     limit, request metrics, access log and tracing where enabled) still wrap every request.
 

@@ -60,7 +60,7 @@ def in_bentoml_worker() -> bool:
 
 def per_request_extras() -> dict:
     """BentoML's access log and OpenTelemetry spans cost CPU on every request, and on 2 cores
-    that CPU is the model's (README "Benchmark" measures it). Off for the classify routes unless
+    that CPU is the model's (docs/benchmark.md measures it). Off for the classify routes unless
     asked for: NIN_ACCESS_LOG=1 logs every request, NIN_TRACING=1 traces them (with BentoML's
     tracing settings); /metrics and the nin_* metrics count requests either way."""
     on = lambda name: os.environ.get(name, "0").lower() in ("1", "true", "yes")  # noqa: E731
@@ -100,7 +100,7 @@ class NiNClassifier:
         # Everything built so far (BentoML, FastAPI, onnxruntime's bindings: a large heap) lives
         # as long as the process: out of the collector's sight, a full collection scans only what
         # requests make. Measured at c=256 (int8): full collections stopped the event loop for
-        # 100-165 ms every few seconds; frozen, 4-21 ms (README "Benchmark"). Frozen before the
+        # 100-165 ms every few seconds; frozen, 4-21 ms (docs/benchmark.md). Frozen before the
         # routes open, so no request's objects are frozen with it.
         gc.collect()
         gc.freeze()

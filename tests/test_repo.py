@@ -28,7 +28,7 @@ def test_tracked_tree_fits_the_gpu_transfer():
 
 
 def test_no_training_checkpoint_is_tracked():
-    """Checkpoints live in git history only (README: `git show COMMIT:runs/NAME/last.pt`)."""
+    """Checkpoints live in git history only (docs/training.md: `git show COMMIT:runs/NAME/last.pt`)."""
     pts = [str(p.relative_to(ROOT)) for p in tracked_files() if p.suffix == ".pt"]
     assert pts == [], f"checkpoints are tracked again: {pts}"
 
