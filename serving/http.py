@@ -26,8 +26,6 @@ from serving.admission import Admission
 from serving.batching import MicroBatcher
 from serving.engine import Engine
 from serving.imaging import InputError
-from serving.schemas import (SHOW_INPUT_PARAM, TOP_K_PARAM, BatchClassification, Classification, ModelInfo,
-                             error_responses, image_request_body)
 
 log = logging.getLogger("serving")
 
@@ -45,7 +43,7 @@ RAW_TYPES = ("image/", "application/octet-stream")
 
 class ServiceState:
     """What the routes share: one engine, its micro-batcher and its admission bound. The service
-    instance builds it and attaches it to the app (attach); nothing here is module-level."""
+    instance builds and holds it; nothing here is module-level."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -84,22 +82,6 @@ class ServiceState:
         self.open.set()
         log.info("admitting at most %s images at once (latency budget %g ms, a batch of %d takes %.1f ms)",
                  a.limit, engine.settings.latency_budget_ms, engine.settings.max_batch_size, engine.full_batch_ms)
-
-
-def attach(app, state: ServiceState) -> None:
-    """Give `app` its state; one app serves one engine."""
-    current = getattr(app.state, "nin", None)
-    if current is not None and current is not state:
-        log.info("the app now serves a new engine (a new service instance replaced the last)")
-    app.state.nin = state
-
-
-def state_of_app(app) -> ServiceState | None:
-    return getattr(app.state, "nin", None)
-
-
-def state_of(request: Request) -> ServiceState | None:
-    return state_of_app(request.app)
 
 
 def overloaded(state: ServiceState, n: int) -> tuple[int, dict, dict]:
@@ -336,36 +318,21 @@ async def infer(state: ServiceState, single: bool, k: int, decoded: list, t: dic
 
 
 def make_app() -> FastAPI:
-    """The routes for curl and browsers, as a FastAPI app so that BentoML merges their OpenAPI
-    into /docs.json. The handlers read the request themselves (byte cap, raw or multipart) and
-    return their JSON directly: FastAPI validates nothing on the hot path; schemas.py documents it."""
+    """The FastAPI app BentoML mounts (it merges its OpenAPI into /docs.json): the upload page
+    here, the classify routes as the service's own methods (serving/service.py)."""
     app = FastAPI(title="NiN Fashion-MNIST classifier", docs_url=None, redoc_url=None, openapi_url=None)
-    one = dict(response_class=JSONResponse, tags=["Classify (curl, browsers)"])
-
-    @app.post("/classify", summary="Classify one image", response_model=None, **one,
-              responses={200: {"model": Classification, "description": "the prediction, with timing and memory"},
-                         **error_responses(400, 413, 415, 422, 503)},
-              openapi_extra={"parameters": [TOP_K_PARAM, SHOW_INPUT_PARAM], "requestBody": image_request_body("image", False)})
-    async def classify_one(request: Request) -> JSONResponse:
-        return await classify_request(state_of(request), request, "image")
-
-    @app.post("/classify_batch", summary="Classify several images in one request", response_model=None, **one,
-              responses={200: {"model": BatchClassification, "description": "one prediction per image, in order"},
-                         **error_responses(400, 413, 415, 422, 503)},
-              openapi_extra={"parameters": [TOP_K_PARAM, SHOW_INPUT_PARAM], "requestBody": image_request_body("images", True)})
-    async def classify_batch(request: Request) -> JSONResponse:
-        return await classify_request(state_of(request), request, "images")
-
-    @app.get("/model", summary="The served model, its input contract and limits", response_model=None, **one,
-             responses={200: {"model": ModelInfo}, **error_responses(503)})
-    async def model_info(request: Request) -> JSONResponse:
-        state = state_of(request)
-        if state is None:
-            return JSONResponse({"error": "not_ready", "detail": "the model is not loaded"}, status_code=503)
-        return JSONResponse(state.engine.describe())
-
     page.add_routes(app)
     return app
+
+
+def current_state() -> ServiceState | None:
+    """The running service's state (BentoML sets the current service when a worker starts)."""
+    import bentoml
+
+    try:
+        return bentoml.get_current_service().state
+    except Exception:  # noqa: BLE001 - not instantiated yet: the routes answer 503 not_ready
+        return None
 
 
 async def classify_files(state: ServiceState | None, blobs: list[bytes], single: bool, top_k: int,
@@ -381,40 +348,43 @@ async def classify_files(state: ServiceState | None, blobs: list[bytes], single:
 class Edge:
     """ASGI middleware in front of BentoML's inner stack, for two things.
 
-    Direct routes: POST /classify and /classify_batch go straight to classify_request() with the
-    state of `app` (the FastAPI app above), skipping the ten ASGI layers between here and the
-    FastAPI handler (BentoML's context, Starlette's and FastAPI's exception, body-limit and routing
-    middlewares, dependency solving): on 2 cores that framework is ~0.5 ms of the event loop per
-    request (docs/benchmark.md). The FastAPI routes stay: they document these paths in
-    /docs.json and answer any other method. BentoML's outer middlewares (timeout, concurrency
-    limit, request metrics, access log and tracing where enabled) still wrap every request.
+    Direct routes: POST /classify and /classify_batch go straight to classify_request(),
+    skipping the ASGI layers between here and the FastAPI handler (BentoML's context, Starlette's
+    and FastAPI's exception, body-limit and routing middlewares, dependency solving): less
+    event-loop CPU per request (docs/decisions.md). BentoML's outer middlewares (timeout,
+    concurrency limit, request metrics, access log and tracing where enabled) still wrap them.
 
     Typed endpoints (POST /api/classify, /api/classify_batch), whose body BentoML itself reads
-    and parses: a body over `max_bytes` is refused with 413 while it arrives; a body that is not
+    and parses: a body over the byte cap is refused with 413 while it arrives; a body that is not
     multipart, lacks its file field, or carries a field BentoML would choke on (it answers those
     with a 500) gets the usual 4xx JSON instead; a media type in another case and a file name
-    BentoML cannot save a file under are made safe first (serving/forms.py)."""
+    BentoML cannot save a file under are made safe first (serving/forms.py).
 
-    def __init__(self, app, max_bytes: int, max_files: int, routes_app=None,
-                 routes: dict[str, str] | None = None) -> None:
-        self.app, self.max_bytes, self.max_files, self.routes_app = app, max_bytes, max_files, routes_app
-        self.routes = routes or {"/api/classify": "image", "/api/classify_batch": "images"}
-        self.direct = {"/classify": "image", "/classify_batch": "images"} if routes_app is not None else {}
+    `get_state` gives the running service's state (tests pass their own)."""
+
+    DIRECT = {"/classify": "image", "/classify_batch": "images"}
+    TYPED = {"/api/classify": "image", "/api/classify_batch": "images"}
+
+    def __init__(self, app, get_state=current_state) -> None:
+        self.app, self.get_state = app, get_state
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        field = self.direct.get(path)
-        if field is not None:
+        if (field := self.DIRECT.get(path)) is not None:
             return await self._direct(scope, receive, send, field)
-        field = self.routes.get(path)
-        if field is None:
+        if (field := self.TYPED.get(path)) is None:
             return await self.app(scope, receive, send)
-        form = None
+        state = self.get_state()
+        if state is None or not state.open.is_set():
+            status, body, headers = NOT_READY
+            return await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)
+        settings, form = state.engine.settings, None
         try:  # read up to the cap (read_body), then hand BentoML the body as one message
-            body = await read_body(Request(scope, receive), self.max_bytes)
-            form = await self._check_form(scope, body, field)
+            body = await read_body(Request(scope, receive), settings.max_bytes)
+            form = await check_typed_form(scope, body, field, settings.max_batch_images, settings.max_bytes,
+                                          len(state.engine.class_names))
             if forms.needs_rebuild(form):  # a file name BentoML cannot save a file under
                 body, content_type = await forms.rebuild(form)
                 scope = forms.with_headers(scope, content_type, len(body))
@@ -439,30 +409,32 @@ class Edge:
 
     async def _direct(self, scope, receive, send, field: str) -> None:
         try:
-            response = await classify_request(state_of_app(self.routes_app), Request(scope, receive), field)
+            response = await classify_request(self.get_state(), Request(scope, receive), field)
         except Exception:  # what Starlette's ServerErrorMiddleware did for the FastAPI route, in JSON
             log.exception("POST %s failed", scope.get("path"))
             response = JSONResponse({"error": "internal_error", "detail": "the server failed on this request; "
                                      "it is logged"}, status_code=500)
         await response(scope, receive, send)
 
-    async def _check_form(self, scope, body: bytes, field: str) -> FormData:
-        headers = Headers(scope=scope)
-        if forms.media_type(headers) != forms.MULTIPART:
-            raise InputError(415, "unsupported_media_type",
-                             f"Content-Type {headers.get('content-type') or '(none)'}; this typed endpoint takes "
-                             f"multipart/form-data with a file field {field!r} (raw bodies: POST {scope['path'][4:]})")
-        form = await parse_multipart(headers, body, self.max_files, self.max_bytes)
-        try:
-            unknown = sorted(set(form.keys()) - {field, "top_k"})
-            if unknown:
-                raise InputError(422, "unknown_field", f"fields {unknown}; expected a file field {field!r} and optionally top_k")
-            if not any(isinstance(v, UploadFile) for v in form.getlist(field)):
-                raise InputError(422, "missing_field", f"expected a file field named {field!r}")
-            if (top_k := form.get("top_k")) is not None:  # before BentoML's own int parser sees it (a 500 or its 400)
-                state = state_of_app(self.routes_app) if self.routes_app is not None else None
-                parse_top_k(top_k, len(state.engine.class_names) if state is not None else None)
-        except InputError:
-            await form.close()  # a refused form's files; Edge closes an accepted one
-            raise
-        return form
+
+async def check_typed_form(scope, body: bytes, field: str, max_files: int, max_bytes: int, n_classes: int) -> FormData:
+    """A typed endpoint's body parsed and checked before BentoML sees it: multipart, the file
+    field present, no other field but top_k, top_k valid. The caller closes the form."""
+    headers = Headers(scope=scope)
+    if forms.media_type(headers) != forms.MULTIPART:
+        raise InputError(415, "unsupported_media_type",
+                         f"Content-Type {headers.get('content-type') or '(none)'}; this typed endpoint takes "
+                         f"multipart/form-data with a file field {field!r} (raw bodies: POST {scope['path'][4:]})")
+    form = await parse_multipart(headers, body, max_files, max_bytes)
+    try:
+        unknown = sorted(set(form.keys()) - {field, "top_k"})
+        if unknown:
+            raise InputError(422, "unknown_field", f"fields {unknown}; expected a file field {field!r} and optionally top_k")
+        if not any(isinstance(v, UploadFile) for v in form.getlist(field)):
+            raise InputError(422, "missing_field", f"expected a file field named {field!r}")
+        if (top_k := form.get("top_k")) is not None:  # before BentoML's own int parser sees it (a 500 or its 400)
+            parse_top_k(top_k, n_classes)
+    except InputError:
+        await form.close()  # a refused form's files; Edge closes an accepted one
+        raise
+    return form

@@ -1,11 +1,8 @@
 """The BentoML service: `bentoml serve` from the repository root (bentofile.yaml names it).
 
-Settings come from NIN_* environment variables (serving/engine.py: Settings). Routes:
-POST /classify, POST /classify_batch, GET /model and the upload page GET /ui (serving/http.py,
-a FastAPI app whose OpenAPI BentoML merges into /docs.json); the typed endpoints for
-bentoml.SyncHTTPClient / AsyncHTTPClient, POST /api/classify and /api/classify_batch (below);
-BentoML's /livez, /readyz (ready once every batch size is warmed up, the overload bound armed
-and the start-up heap frozen), /metrics, /docs.json and the Swagger UI at /.
+Routes and settings: docs/serving.md. Importing this module defines things and starts nothing;
+`check_before_serving` runs once in `bentoml serve`'s own process before any worker starts,
+`__init__` once in each worker.
 """
 
 from __future__ import annotations
@@ -13,42 +10,33 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import sys
 import threading
 import time
 from pathlib import Path
 
 import bentoml
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from serving import http, imaging, model_files
 from serving.drain import Drain, exit_with_parent
 from serving.engine import Engine, Settings, check_gpu_requirement
 from serving.model_files import ModelLoadError
-from serving.schemas import BatchClassification, Classification
-from starlette.responses import JSONResponse
+from serving.schemas import (SHOW_INPUT_PARAM, TOP_K_PARAM, BatchClassification, Classification, ModelInfo,
+                             error_responses, image_request_body)
 
 log = logging.getLogger("serving")
-# BentoML's server logging keeps the root at WARNING; the engine's one start-up line ("serving
-# int8 variant (model.int8.onnx) on CPUExecutionProvider") and its fallback warnings are INFO+.
-log.setLevel(logging.INFO)
+log.setLevel(logging.INFO)  # BentoML keeps the root logger at WARNING; the start-up line is INFO
 
 
-def preflight() -> None:
-    """Check the settings and the model before BentoML starts workers: a bad model is one
-    line and exit 1, not a worker restarting forever."""
-    try:
-        settings = Settings.from_env()
-        check_gpu_requirement(settings)
-        folder = model_files.resolve(settings.model)
-        card = model_files.load_card(folder)
-        for variant in model_files.available_variants(card):
-            model_files.verified_file(folder, card, variant)
-    except ModelLoadError as e:
-        print(f"error: cannot serve: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
-preflight()
+def bentoml_config() -> dict:
+    """BentoML's access log and tracing cost CPU on every request: off for /classify* unless
+    NIN_ACCESS_LOG=1 / NIN_TRACING=1 (docs/decisions.md)."""
+    on = lambda name: os.environ.get(name, "0").lower() in ("1", "true", "yes")  # noqa: E731
+    config: dict = {"logging": {"access": {"enabled": on("NIN_ACCESS_LOG")}}}
+    if not on("NIN_TRACING"):
+        config["tracing"] = {"excluded_urls": "classify"}  # matches /classify and /classify_batch
+    return config
 
 
 def in_bentoml_worker() -> bool:
@@ -58,23 +46,12 @@ def in_bentoml_worker() -> bool:
     return server_context.worker_index is not None
 
 
-def per_request_extras() -> dict:
-    """BentoML's access log and OpenTelemetry spans cost CPU on every request, and on 2 cores
-    that CPU is the model's (docs/benchmark.md measures it). Off for the classify routes unless
-    asked for: NIN_ACCESS_LOG=1 logs every request, NIN_TRACING=1 traces them (with BentoML's
-    tracing settings); /metrics and the nin_* metrics count requests either way."""
-    on = lambda name: os.environ.get(name, "0").lower() in ("1", "true", "yes")  # noqa: E731
-    config: dict = {"logging": {"access": {"enabled": on("NIN_ACCESS_LOG")}}}
-    if not on("NIN_TRACING"):
-        config["tracing"] = {"excluded_urls": "classify"}  # matches /classify and /classify_batch
-    return config
-
-
-app = http.make_app()
+app = http.make_app()  # the page's routes; the classify routes are this class's methods below
+DIRECT = dict(response_model=None, response_class=JSONResponse, tags=["Classify (curl, browsers)"])
 
 
 @bentoml.service(name="nin-fashion-mnist", workers=1, traffic={"timeout": 30, "max_concurrency": 512},
-                 **per_request_extras())
+                 **bentoml_config())
 @bentoml.asgi_app(app, path="/")
 class NiNClassifier:
     """Classifies 224x224 grayscale images of clothing (Fashion-MNIST's ten classes) with the
@@ -82,10 +59,23 @@ class NiNClassifier:
     to 8-bit grayscale and resized as in training. Every answer reports its timing and peak
     memory; every refusal is a 4xx JSON object {"error", "detail"}. The upload page is at /ui."""
 
+    @bentoml.on_deployment
+    def check_before_serving() -> None:
+        """A bad setting or model stops `bentoml serve` in one line with exit code 1, before any
+        worker starts (BentoML restarts a worker whose __init__ raises, forever)."""
+        try:
+            settings = Settings.from_env()
+            check_gpu_requirement(settings)
+            folder = model_files.resolve(settings.model)
+            card = model_files.load_card(folder)
+            for variant in model_files.available_variants(card):
+                model_files.verified_file(folder, card, variant)
+        except ModelLoadError as e:
+            raise SystemExit(f"error: cannot serve: {e}") from None
+
     def __init__(self) -> None:
         self.engine = Engine(Settings.from_env())
         self.state = http.ServiceState(self.engine)
-        http.attach(app, self.state)
         settings = self.engine.settings
         self.drain = Drain(settings.drain_s, settings.shutdown_timeout_s)
         if self.drain.install() and in_bentoml_worker():  # drain on SIGTERM, in the worker ...
@@ -97,10 +87,8 @@ class NiNClassifier:
     def _warm_up(self) -> None:
         imaging.warm_up(self.engine.contract, self.engine.settings.max_pixels)
         self.engine.warm_up()
-        # Everything built so far (BentoML, FastAPI, onnxruntime's bindings: a large heap) lives
-        # as long as the process: out of the collector's sight, a full collection scans only what
-        # requests make. Measured at c=256 (int8): full collections stopped the event loop for
-        # 100-165 ms every few seconds; frozen, 4-21 ms (docs/benchmark.md). Frozen before the
+        # The start-up heap (BentoML, FastAPI, onnxruntime) lives as long as the process: frozen,
+        # full collections scan only what requests make (docs/decisions.md). Frozen before the
         # routes open, so no request's objects are frozen with it.
         gc.collect()
         gc.freeze()
@@ -109,12 +97,33 @@ class NiNClassifier:
 
     @bentoml.on_shutdown
     def stop_lanes(self) -> None:
-        """After uvicorn's graceful shutdown has answered what was in flight: stop the lanes and
-        the decoding thread."""
+        """After uvicorn's graceful shutdown has answered what was in flight."""
         self.state.close()
 
     def __is_ready__(self) -> bool:
         return self.warmed.is_set() and not self.drain.draining.is_set()
+
+    # For curl and browsers: multipart or a raw body, the byte cap while reading, a 4xx JSON for
+    # every bad upload. http.Edge answers POST on these paths before BentoML's inner layers reach
+    # them; the routes describe them in /docs.json and answer where Edge is not in front.
+    @app.post("/classify", summary="Classify one image", **DIRECT,
+              responses={200: {"model": Classification, "description": "the prediction, with timing and memory"},
+                         **error_responses(400, 413, 415, 422, 503)},
+              openapi_extra={"parameters": [TOP_K_PARAM, SHOW_INPUT_PARAM], "requestBody": image_request_body("image", False)})
+    async def classify_route(self, request: Request) -> JSONResponse:
+        return await http.classify_request(self.state, request, "image")
+
+    @app.post("/classify_batch", summary="Classify several images in one request", **DIRECT,
+              responses={200: {"model": BatchClassification, "description": "one prediction per image, in order"},
+                         **error_responses(400, 413, 415, 422, 503)},
+              openapi_extra={"parameters": [TOP_K_PARAM, SHOW_INPUT_PARAM], "requestBody": image_request_body("images", True)})
+    async def classify_batch_route(self, request: Request) -> JSONResponse:
+        return await http.classify_request(self.state, request, "images")
+
+    @app.get("/model", summary="The served model, its input contract and limits", **DIRECT,
+             responses={200: {"model": ModelInfo}, **error_responses(503)})
+    async def model_info(self) -> JSONResponse:
+        return JSONResponse(self.engine.describe())
 
     # The typed endpoints: what bentoml.SyncHTTPClient(url).classify(image=Path("shoe.png")) calls.
     # BentoML reads these bodies (multipart only; http.Edge caps and checks them first); the
@@ -135,6 +144,4 @@ class NiNClassifier:
         return JSONResponse(body, status_code=status, headers=headers)
 
 
-_settings = Settings.from_env()
-NiNClassifier.add_asgi_middleware(http.Edge, max_bytes=_settings.max_bytes, max_files=_settings.max_batch_images,
-                                  routes_app=app)
+NiNClassifier.add_asgi_middleware(http.Edge)

@@ -4,6 +4,8 @@ import gc
 import io
 import mmap
 import time
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -165,50 +167,66 @@ def test_model_endpoint(client):
     assert info["card"]["class_names"][6] == "Shirt"
 
 
-def test_routes_wait_for_warm_up_on_their_own_app_and_engine(served_model):
-    """The routes' state lives on what attach() gives an app, not in a module: a fresh app with
-    a fresh, cold engine answers 503 not_ready, then 200 once that engine is warm and the
-    overload bound armed (what /readyz waits for)."""
-    app, engine = http.make_app(), Engine(Settings(model=str(served_model), max_batch_size=2, lanes=0))
+@contextmanager
+def routes_over(state, passed: list | None = None):
+    """The service's routes over `state`, in one event loop (the batcher lives on one): POST
+    /classify* through http.Edge as served, and the FastAPI routes themselves under /plain/*
+    (what /docs.json describes), their `self` overridden the FastAPI way. `passed` collects what
+    reached the FastAPI app through the edge."""
+    import bentoml
+
+    from serving.service import app
+
+    service = SimpleNamespace(state=state, engine=state.engine)
+    app.dependency_overrides[bentoml.get_current_service] = lambda: service
+
+    async def inner(scope, receive, send):
+        if scope["type"] == "http" and passed is not None:
+            passed.append((scope["method"], scope["path"]))
+        await app(scope, receive, send)
+
+    edge = http.Edge(inner, get_state=lambda: state)
+
+    async def both(scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/plain/"):
+            return await app({**scope, "path": scope["path"][len("/plain"):]}, receive, send)
+        await edge(scope, receive, send)
+
+    try:
+        with TestClient(both) as c:
+            yield c
+    finally:
+        app.dependency_overrides.pop(bentoml.get_current_service, None)
+        state.close()
+
+
+def test_classify_waits_for_warm_up_and_the_armed_bound(served_model):
+    """A cold engine answers 503 not_ready on every classify route, still once warm while the
+    bound is unarmed (what /readyz waits for), and 200 once armed."""
+    engine = Engine(Settings(model=str(served_model), max_batch_size=2, lanes=0))
     state = http.ServiceState(engine)
-    http.attach(app, state)
-    with TestClient(app) as c:
-        r = c.post("/classify", content=image_png(), headers={"Content-Type": "image/png"})
-        assert r.status_code == 503 and r.json() == {"error": "not_ready", "detail": "the model is still warming up"}
-        engine.warm_up()  # warm, but the bound is not armed yet: still closed, as /readyz says
-        r = c.post("/classify", content=image_png(), headers={"Content-Type": "image/png"})
-        assert r.status_code == 503 and r.json()["error"] == "not_ready"
+    png = dict(content=image_png(), headers={"Content-Type": "image/png"})
+    typed = dict(files={"image": ("a.png", image_png(), "image/png")})
+    with routes_over(state) as c:
+        for url, kwargs in (("/classify", png), ("/plain/classify", png), ("/api/classify", typed)):
+            r = c.post(url, **kwargs)
+            assert r.status_code == 503 and r.json() == {"error": "not_ready", "detail": "the model is still warming up"}
+        engine.warm_up()
+        assert c.post("/classify", **png).json()["error"] == "not_ready"
         state.arm_admission()
-        r = c.post("/classify", content=image_png(), headers={"Content-Type": "image/png"})
+        r = c.post("/classify", **png)
         assert r.status_code == 200 and r.json()["batch_size"] == 1
-    assert http.make_app().state._state.get("nin") is None  # another app shares nothing
 
 
 def test_edge_answers_classify_directly_as_the_fastapi_routes_would(served_model, monkeypatch):
     """http.Edge serves POST /classify* itself (skipping the inner ASGI stack): same status and
     JSON as the FastAPI routes for good and bad requests, other methods and paths pass through,
     and a failure inside is a JSON 500, not a dropped connection."""
-    from serving import http
-
-    app, engine = http.make_app(), Engine(Settings(model=str(served_model), max_batch_size=4, lanes=0))
+    engine = Engine(Settings(model=str(served_model), max_batch_size=4, lanes=0))
     state = http.ServiceState(engine)
-    http.attach(app, state)
     engine.warm_up()
     state.arm_admission()
     passed = []
-
-    async def inner(scope, receive, send):  # the stack behind the edge: the FastAPI app, counted
-        if scope["type"] == "http":
-            passed.append((scope["method"], scope["path"]))
-        await app(scope, receive, send)
-
-    edge = http.Edge(inner, max_bytes=2**20, max_files=engine.settings.max_batch_images, routes_app=app)
-
-    async def both(scope, receive, send):  # one event loop for both (the batcher lives on one): /plain/* skips the edge
-        if scope["type"] == "http" and scope["path"].startswith("/plain/"):
-            return await app({**scope, "path": scope["path"][len("/plain"):]}, receive, send)
-        await edge(scope, receive, send)
-
     png = image_png()
     requests = [
         ("/classify?top_k=2", dict(files={"image": ("a.png", png, "image/png")})),
@@ -219,7 +237,7 @@ def test_edge_answers_classify_directly_as_the_fastapi_routes_would(served_model
         ("/classify", dict(files={"file": ("a.png", png, "image/png")})),
         ("/classify", dict(content=png, headers={"Content-Type": "text/plain"})),
     ]
-    with TestClient(both) as direct:
+    with routes_over(state, passed) as direct:
         for url, kwargs in requests:
             a, b = direct.post("/plain" + url, **kwargs), direct.post(url, **kwargs)
             assert a.status_code == b.status_code, url
@@ -284,9 +302,8 @@ def test_large_uploads_decode_off_the_event_loop(served_model, monkeypatch):
 
     from serving import http
 
-    app, engine = http.make_app(), Engine(Settings(model=str(served_model), max_batch_size=2, lanes=0))
+    engine = Engine(Settings(model=str(served_model), max_batch_size=2, lanes=0))
     state = http.ServiceState(engine)
-    http.attach(app, state)
     engine.warm_up()
     state.arm_admission()
     where, finish = [], imaging.finish
@@ -294,12 +311,9 @@ def test_large_uploads_decode_off_the_event_loop(served_model, monkeypatch):
                                                                   finish(img, contract))[1])
     small = np.random.default_rng(0).integers(0, 256, (224, 224), dtype=np.uint8)
     big = np.asarray(Image.fromarray(small).resize((1024, 1024), Image.NEAREST))  # same image, 16x the pixels
-    try:
-        with TestClient(app) as c:
-            answers = [c.post("/classify", content=png_bytes(Image.fromarray(a)), headers={"Content-Type": "image/png"})
-                       for a in (small, big)]
-    finally:
-        state.close()
+    with routes_over(state) as c:
+        answers = [c.post("/classify", content=png_bytes(Image.fromarray(a)), headers={"Content-Type": "image/png"})
+                   for a in (small, big)]
     assert [r.status_code for r in answers] == [200, 200]
     assert not where[0].startswith("decode") and where[1].startswith("decode"), where
     assert answers[1].json()["input"]["size"] == [1024, 1024] and answers[1].json()["input"]["resized"]
@@ -311,3 +325,16 @@ def test_the_parent_death_signal_is_armed_only_in_a_bentoml_worker():
     from serving.service import in_bentoml_worker
 
     assert not in_bentoml_worker()
+
+
+def test_importing_the_service_starts_nothing_even_with_a_bad_model_or_setting():
+    """Importing serving.service defines things only: no check, no exit, no thread. The checks
+    run when `bentoml serve` starts (tests/test_http_server.py: one line, exit code 1)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import threading, serving.service; print(threading.active_count())"
+    env = {**os.environ, "NIN_MODEL": "/nonexistent/model", "NIN_MAX_BYTES": "lots"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "1", r.stderr[-2000:]
