@@ -268,18 +268,19 @@ def have_wrk() -> bool:
     return shutil.which("wrk") is not None
 
 
-def wrk_level(url: str, png: bytes, concurrency: int, duration: float, timeout_s: float = 10.0) -> dict:
+def wrk_level(url: str, png: bytes, concurrency: int, duration: float, timeout_s: float = 10.0,
+              path: str = "/classify", field: str = "image") -> dict:
     """wrk (one thread, `concurrency` keep-alive connections) posting one prebuilt multipart
-    body to /classify for `duration` seconds (whole seconds: wrk takes no fractions); after a 503 one request waits its Retry-After.
+    body (the PNG in `field`) to `path` for `duration` seconds (whole seconds: wrk takes no fractions); after a 503 one request waits its Retry-After.
     Latencies are over every answer, 503s included; the share of 503s is reported beside them."""
     if not have_wrk():
         raise RuntimeError("wrk is not installed (apt-get install wrk)")
-    body, ctype = multipart_body(png)
+    body, ctype = multipart_body(png, field)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "body").write_bytes(body)
         (Path(tmp) / "post.lua").write_text(WRK_SCRIPT)
         cmd = ["wrk", "-t", "1", "-c", str(concurrency), "-d", f"{max(1, round(duration))}s", "--timeout", f"{timeout_s:g}s",
-               "-s", str(Path(tmp) / "post.lua"), f"{url}/classify"]
+               "-s", str(Path(tmp) / "post.lua"), f"{url}{path}"]
         cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60,
                            env={**os.environ, "NIN_BENCH_BODY": str(Path(tmp) / "body"), "NIN_BENCH_CTYPE": ctype})

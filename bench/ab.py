@@ -1,0 +1,170 @@
+"""`python -m bench.ab`: servers side by side on one machine, in alternating rounds, with wrk.
+
+Every arm is started at once on its own port (the service, its layers swapped for BentoML's own
+in bench/arms.py, the hand-written FastAPI server in both styles, LitServe with and without its
+batching); then, round after round, each concurrency level is measured on every arm in turn, the
+order rotating each round, so no arm owns the machine's quiet or busy minutes. Figures are the
+medians over rounds. Nothing else should run meanwhile (pause a training run with SIGSTOP).
+
+    .venv/bin/python -m bench.ab --arms service,fastapi-routes,adaptive-100 --levels 1,16 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from bench.images import real_test_pngs
+from bench.load import CpuMeter, have_wrk, wrk_level
+from bench.servers import ROOT, _spawn, free_port, stop_server
+from training.runtime import hardware_name
+
+PY = sys.executable
+SERVE = [PY, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", "{port}"]
+# name -> (command, extra environment, path, multipart field, readiness path)
+ARMS: dict[str, tuple[list[str], dict, str, str, str]] = {
+    "service": (SERVE + ["bench.arms:svc"], {"NIN_AB_ARM": "service"}, "/classify", "image", "/readyz"),
+    "fastapi-routes": (SERVE + ["bench.arms:svc"], {"NIN_AB_ARM": "fastapi-routes"}, "/classify", "image", "/readyz"),
+    "max-concurrency": (SERVE + ["bench.arms:svc"], {"NIN_AB_ARM": "max-concurrency", "NIN_MAX_QUEUE": "100000"},
+                        "/classify", "image", "/readyz"),
+    **{f"adaptive-{ms}": (SERVE + ["bench.arms:svc"], {"NIN_AB_ARM": "adaptive", "NIN_AB_MAX_LATENCY_MS": str(ms),
+                                                       "NIN_LANES": "0"}, "/classify_adaptive", "images", "/readyz")
+       for ms in (20, 100, 1000)},
+    "fastapi-def": ([PY, "-m", "uvicorn", "bench.reference:app", "--host", "127.0.0.1", "--port", "{port}",
+                     "--log-level", "warning"], {}, "/classify", "image", "/readyz"),
+    "fastapi-async": ([PY, "-m", "uvicorn", "bench.reference:app", "--host", "127.0.0.1", "--port", "{port}",
+                       "--log-level", "warning"], {}, "/classify_async", "image", "/readyz"),
+    "litserve": ([PY, "-m", "bench.litserve_peer", "{port}"], {"NIN_LITSERVE_BATCH": "1"}, "/predict", "image", "/health"),
+    "litserve-batch": ([PY, "-m", "bench.litserve_peer", "{port}"], {"NIN_LITSERVE_BATCH": "16"}, "/predict", "image",
+                       "/health"),
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Servers side by side in alternating rounds (wrk).")
+    p.add_argument("--arms", default="service,fastapi-def,fastapi-async,litserve,litserve-batch",
+                   help=f"comma-separated, from {', '.join(ARMS)} (default: the service and its peers)")
+    p.add_argument("--variant", choices=["int8", "fp32"], default="int8", help="model variant every arm serves (default: int8)")
+    p.add_argument("--model", default=str(ROOT / "models" / "nin-fashion-mnist"), help="exported model folder")
+    p.add_argument("--levels", default="1,16", help="concurrency levels (default: 1,16)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, the arms' order rotating each round (default: 3)")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per arm, level and round (default: 5)")
+    p.add_argument("--out", default=None, help="folder for ab.json and ab.md (default: print only)")
+    return p
+
+
+def start(name: str, model: str, variant: str):
+    cmd, env, path, field, ready = ARMS[name]
+    port = free_port()
+    proc = _spawn([c.replace("{port}", str(port)) for c in cmd],
+                  {"NIN_MODEL": model, "NIN_VARIANT": variant, "NIN_REF_MODEL": model, "NIN_REF_VARIANT": variant, **env},
+                  quiet=True)
+    proc.url, proc.path, proc.field, proc.ready = f"http://127.0.0.1:{port}", path, field, ready
+    return proc
+
+
+def wait_up(proc, timeout: float = 240) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            if httpx.get(proc.url + proc.ready, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{proc.url} not ready after {timeout:g} s")
+
+
+def median_level(runs: list[dict]) -> dict:
+    keys = ("p50", "p90", "p99", "mean", "throughput_img_s", "rejected_share", "server_cpu_ms_per_answer")
+    out = {k: round(statistics.median(r[k] for r in runs if r.get(k) is not None), 3)
+           for k in keys if any(r.get(k) is not None for r in runs)}
+    out["rounds"] = [{k: r.get(k) for k in keys} for r in runs]
+    out["errors"] = sum(r["errors"] - r.get("rejected_503", 0) for r in runs)
+    out["error_kinds"] = sorted({k for r in runs for k in r.get("error_kinds", {})})
+    return out
+
+
+def markdown(result: dict) -> str:
+    levels = result["levels"]
+    head = "| arm | " + " | ".join(f"c={c} p50 ms | c={c} img/s | c={c} p99 ms" for c in levels) + " |"
+    lines = [f"# A/B: {result['variant']}, {result['hardware']}", "",
+             f"{result['rounds']} rounds of {result['duration_s']:g} s per arm and level, order rotating; medians "
+             "over rounds (wrk, one thread, keep-alive).", "", head, "|---|" + "---|---|---|" * len(levels)]
+    for arm, by_level in result["arms"].items():
+        cells = []
+        for c in levels:
+            r = by_level[str(c)]
+            refused = f" ({r['rejected_share']:.0%} 503)" if r.get("rejected_share") else ""
+            failed = f" [{r['errors']} failed: {', '.join(r['error_kinds'])}]" if r["errors"] else ""
+            cells.append(f"{r['p50']} | {r['throughput_img_s']}{refused}{failed} | {r['p99']}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(arms) - set(ARMS))
+    try:
+        levels = [int(c) for c in args.levels.split(",") if c.strip()]
+    except ValueError:
+        levels = []
+    if unknown or not arms or not levels or min(levels) < 1 or args.rounds < 1 or args.duration < 1:
+        print(f"error: bad arguments (unknown arms {unknown}; levels {args.levels!r}; rounds and duration >= 1)", file=sys.stderr)
+        return 2
+    if not have_wrk():
+        print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    png = real_test_pngs(1)[0][0]
+    procs = {}
+    try:
+        for name in arms:
+            procs[name] = start(name, args.model, args.variant)
+        for proc in procs.values():
+            wait_up(proc)
+        for proc in procs.values():  # one short pass each: first-request costs out of the rounds
+            wrk_level(proc.url, png, 1, 1, path=proc.path, field=proc.field)
+        runs: dict[str, dict[int, list]] = {a: {c: [] for c in levels} for a in arms}
+        for rnd in range(args.rounds):
+            order = arms[rnd % len(arms):] + arms[: rnd % len(arms)]
+            for c in levels:
+                for name in order:
+                    proc = procs[name]
+                    meter = CpuMeter(proc.pid)
+                    level = meter.add_to(wrk_level(proc.url, png, c, args.duration, path=proc.path, field=proc.field))
+                    runs[name][c].append(level)
+                    print(f"round {rnd + 1} c={c} {name}: p50 {level['p50']} ms, {level['throughput_img_s']} img/s, "
+                          f"{level['rejected_share']:.0%} 503, {level['errors'] - level['rejected_503']} failed", flush=True)
+                    time.sleep(1)  # what a level left queued drains before the next arm's
+    finally:
+        for proc in procs.values():
+            stop_server(proc)
+    result = {"variant": args.variant, "hardware": hardware_name_cpu(), "rounds": args.rounds, "duration_s": args.duration,
+              "levels": levels, "arms": {a: {str(c): median_level(runs[a][c]) for c in levels} for a in arms}}
+    text = markdown(result)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ab.json").write_text(json.dumps(result, indent=1))
+        (out / "ab.md").write_text(text)
+    return 0
+
+
+def hardware_name_cpu() -> str:
+    import torch
+
+    return hardware_name(torch.device("cpu"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
