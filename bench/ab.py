@@ -18,9 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+from bench.baselines import ort_baseline
 from bench.images import real_test_pngs
 from bench.load import CpuMeter, have_wrk, wrk_level
 from bench.servers import ROOT, _spawn, free_port, stop_server
+from serving import imaging
+from serving.model_files import CARD, VARIANT_FILES
 from training.runtime import hardware_name
 
 PY = sys.executable
@@ -107,6 +110,10 @@ def markdown(result: dict) -> str:
             failed = f" [{r['errors']} failed: {', '.join(r['error_kinds'])}]" if r["errors"] else ""
             cells.append(f"{r['p50']} | {r['throughput_img_s']}{refused}{failed} | {r['p99']}")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    ip = result.get("in_process")
+    if ip:
+        lines += ["", f"In process, no server (onnxruntime's defaults, the same image): batch 1 {ip['batch1_ms']} ms; "
+                      f"best {ip['best_img_s']} img/s at batch {ip['best_batch']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         for proc in procs.values():
             stop_server(proc)
     result = {"variant": args.variant, "hardware": hardware_name_cpu(), "rounds": args.rounds, "duration_s": args.duration,
-              "levels": levels, "arms": {a: {str(c): median_level(runs[a][c]) for c in levels} for a in arms}}
+              "levels": levels, "arms": {a: {str(c): median_level(runs[a][c]) for c in levels} for a in arms},
+              "in_process": in_process(Path(args.model), args.variant, png)}
     text = markdown(result)
     print(text)
     if args.out:
@@ -158,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         (out / "ab.json").write_text(json.dumps(result, indent=1))
         (out / "ab.md").write_text(text)
     return 0
+
+
+def in_process(folder: Path, variant: str, png: bytes) -> dict:
+    """onnxruntime alone on the same image, servers stopped: the ceiling every arm sits under."""
+    card = json.loads((folder / CARD).read_text())
+    x = imaging.normalize([imaging.to_contract(png, card["input_contract"], 10**8).image], card["input_contract"])
+    return ort_baseline(folder / VARIANT_FILES[variant], x)
 
 
 def hardware_name_cpu() -> str:

@@ -152,3 +152,29 @@ def test_breakdown_cli_refuses_bad_arguments_with_one_line(capsys, tmp_path):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert says in err and err.count("\n") == 1 and err.startswith("error: "), err
+
+
+def test_ab_takes_medians_over_rounds_and_names_failures():
+    from bench.ab import markdown, median_level
+
+    rounds = [dict(p50=3.0, p90=4, p99=5, mean=3.1, throughput_img_s=300.0, rejected_share=0.0, server_cpu_ms_per_answer=6.0,
+                   errors=0, rejected_503=0, error_kinds={}),
+              dict(p50=4.0, p90=5, p99=9, mean=4.2, throughput_img_s=250.0, rejected_share=0.1, server_cpu_ms_per_answer=7.0,
+                   errors=12, rejected_503=10, error_kinds={"HTTP 503": 10, "HTTP 429": 2}),
+              dict(p50=3.5, p90=4, p99=6, mean=3.6, throughput_img_s=280.0, rejected_share=0.0, server_cpu_ms_per_answer=6.5,
+                   errors=0, rejected_503=0, error_kinds={})]
+    level = median_level(rounds)
+    assert level["p50"] == 3.5 and level["throughput_img_s"] == 280.0 and level["p99"] == 6
+    assert level["errors"] == 2 and level["error_kinds"] == ["HTTP 429", "HTTP 503"] and len(level["rounds"]) == 3
+    table = markdown({"variant": "int8", "hardware": "2-core test CPU", "rounds": 3, "duration_s": 5, "levels": [1],
+                      "arms": {"service": {"1": level}}, "in_process": {"batch1_ms": 1.5, "best_img_s": 900.0, "best_batch": 16}})
+    assert "| service | 3.5 | 280.0 [2 failed: HTTP 429, HTTP 503] | 6 |" in table and "batch 1 1.5 ms" in table
+
+
+def test_ab_refuses_bad_arguments_in_one_line(capsys):
+    from bench.ab import main
+
+    assert main(["--arms", "service,nginx"]) == 2
+    assert main(["--levels", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: bad arguments") for line in err) and "nginx" in err[0]
