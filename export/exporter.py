@@ -51,7 +51,7 @@ def _preprocess(images_u8: torch.Tensor, config) -> np.ndarray:
     """28x28 uint8 -> the server's input for the same images uploaded as 224x224 PNGs (PIL resize,
     then the server's normalize), so the card's accuracy is what `bentoml serve` scores. Training
     resizes with torch on its device, which differs from PIL by at most one grey level in some
-    pixels: enough to change 26 of 10,000 int8 predictions (docs/decisions.md)."""
+    pixels, enough to change some predictions (docs/decisions.md)."""
     contract = config.input_contract()
     return normalize(as_uploads(images_u8.numpy(), contract["image_size"]), contract)
 

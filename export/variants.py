@@ -60,9 +60,8 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> N
 
     reduce_range=True keeps the weights in [-64, 63]: on x86 CPUs without VNNI (AVX2, plain
     AVX-512) onnxruntime's u8s8 kernels use VPMADDUBSW, whose 16-bit intermediate sums saturate
-    with full-range weights. On the AVX2-only machine this project was built on, full-range int8
-    lost 7.0 points of test accuracy (0.827 vs 0.897) and 7-bit weights agreed with fp32 on
-    99.65% of 2,000 test images (docs/decisions.md). On VNNI CPUs and GPUs the 7th bit costs little.
+    with full-range weights and lose points of accuracy (docs/decisions.md). On VNNI CPUs and GPUs
+    the 7th bit costs little.
     """
     with tempfile.TemporaryDirectory() as tmp:
         prepped = Path(tmp) / "prepped.onnx"

@@ -1,17 +1,10 @@
 """Admission control: a bound on the images in the service (admitted and not yet answered).
 
-Under sustained overload an unbounded queue makes every request wait longer and says nothing.
-With the bound, a request that would push the service past it is refused at once with 503,
-`Retry-After` and a JSON body; the ones admitted are answered within the latency budget. The
-default bound comes from the measured time of a full batch: as many full batches as fit in 40 %
-of the budget. Not more, because under load the service drains at about 0.75 of the model's
-in-process rate (HTTP and decoding share the 2 cores: measured 125-158 img/s against ~185-200
-for int8), a request also needs its own batch after the queue ahead of it, and under overload the
-HTTP layer adds its own wait. With half the budget, warm-up noise alone (a batch of 16 timed at 80
-or 90 ms) made the int8 bound 48 or 32 images from one start to the next; 40 % gives 32 for both.
-What the bound does not set is the tail at c=256: at 16, 32 and 48 images the admitted p99 on
-2 cores measured 531-697, 451-604 and 532 ms, while the handler's own time fell from ~220 to
-~130 ms at 16 (docs/benchmark.md).
+Past the bound a request is refused at once with 503, `Retry-After` and a JSON body, so the ones
+admitted are answered within the latency budget instead of every request waiting longer. The
+default bound is as many full batches (timed at warm-up) as fit in 40 % of the budget: under load
+the service drains slower than the model alone runs, and a smaller share made the bound jump with
+warm-up noise (docs/decisions.md).
 """
 
 from __future__ import annotations

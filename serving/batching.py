@@ -7,11 +7,10 @@ and batches grow with load. `max_wait_ms` > 0 also holds a batch open for newcom
 Where to run a batch (`lanes` > 0, the CPU default): when nothing else runs and nothing else
 waits, on the latency lane (`run(x, None)`: one onnxruntime session whose intra-op threads span
 every core, fastest for one request); as soon as work overlaps, on the throughput lanes
-(`run(x, i)`: one single-threaded session per core, batches side by side). Measured on this
-project's 2-core VM: two single-threaded sessions gave 167-199 img/s at batch 4-16 against
-133-183 for one two-threaded session without spinning, whose threads wake for every layer;
-but one image takes ~10 ms on one thread against ~5.5 ms on two. The two kinds never run at
-once, so they never fight over the cores. With `lanes` = 0 (GPUs) every batch takes the one lane.
+(`run(x, i)`: one single-threaded session per core, batches side by side): one image is
+fastest on every core, but under load single-threaded sessions side by side beat one
+multi-threaded session, whose threads wake for every layer (docs/decisions.md). The two kinds
+never run at once, so they never fight over the cores. With `lanes` = 0 (GPUs) every batch takes the one lane.
 A throughput lane takes at most max_batch_size / lanes images, so the lanes share a full batch
 instead of each running one (half the wait for the same throughput), and its thread runs at
 nice +5: the event loop, which reads requests and writes answers, keeps its share of the cores
@@ -159,8 +158,7 @@ class MicroBatcher:
         try:
             if lane is None and n == 1 and self.inline_single:
                 # a lone image on the latency lane runs on the event loop's own thread: nothing else
-                # is in flight, and the hand-off to a thread and back (two wake-ups) cost ~0.3 ms
-                # of a 9 ms request on this VM. Whatever arrives meanwhile is read when it is done.
+                # is in flight, and the hand-off to a thread and back costs two wake-ups.
                 logits, info = self.run(x, lane)
             else:
                 thread = self._latency_thread if lane is None else self._lane_threads[lane]

@@ -106,8 +106,7 @@ def exit_with_parent() -> bool:
 
     `bentoml serve`'s worker runs in a process group of its own under the circus arbiter; when the
     arbiter dies without stopping it (`kill -9`, the OOM killer, a harness that kills a process
-    group), the worker went on serving the port, orphaned, for ever (seen here: four such workers
-    left by killed benchmark runs). With this the worker drains and exits as on any SIGTERM. Only
+    group), the worker went on serving the port, orphaned, for ever. With this the worker drains and exits as on any SIGTERM. Only
     in the worker: the arbiter outlives the shell that started it (`nohup bentoml serve &`).
     Returns whether it is armed (False off Linux)."""
     import ctypes

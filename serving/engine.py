@@ -35,9 +35,9 @@ class Settings:
     max_batch_size: int = 16
     max_wait_ms: float = 0.0
     threads: int = 0  # intra-op threads of the latency lane's session; 0 = one per core
-    # Whether the latency lane's idle intra-op threads spin (onnxruntime's default) or sleep.
-    # It runs only when nothing else does (serving/batching.py), so spinning costs the HTTP side
-    # little there, and sleeping threads pay a wake-up per layer on this VM.
+    # Whether the latency lane's idle intra-op threads spin (onnxruntime's default) or sleep. It
+    # runs only when nothing else does, so spinning costs the HTTP side little; sleeping threads
+    # pay a wake-up per layer.
     spinning: bool = True
     # Throughput lanes: single-threaded sessions that run batches side by side under load;
     # -1 = one per core on the CPU (none with one core, none on a GPU), 0 = off.
@@ -103,8 +103,7 @@ def cuda_device_count() -> int:
 
 class GpuMemory:
     """GPU memory this process holds, from NVML (onnxruntime has no API for it), sampled by a
-    background thread every `interval_s`: an NVML query takes ~0.1-1 ms, which stays out of
-    the per-batch path. `used_mb()` is the latest sample, `peak_mb()` the largest so far."""
+    background thread every `interval_s`, so no NVML query sits in the per-batch path. `used_mb()` is the latest sample, `peak_mb()` the largest so far."""
 
     def __init__(self, interval_s: float = 0.2) -> None:
         import pynvml

@@ -256,9 +256,8 @@ async def classify_request(state: ServiceState | None, request: Request, field: 
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-# Uploads up to this many pixels decode on the event loop (a 224x224 PNG: ~0.5 ms, less than the
-# ~0.35 ms hand-off to a thread and back would add); larger ones on the decoding thread, so a 12 MP
-# photo (a PNG: ~0.5 s here) does not stop every other request while it decodes.
+# Uploads up to this many pixels decode on the event loop (cheaper than a hand-off to a thread and
+# back); larger ones on the decoding thread, so a phone photo does not stop every other request.
 INLINE_MAX_PIXELS = 512 * 512
 
 

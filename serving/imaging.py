@@ -71,7 +71,7 @@ def load(img: Image.Image, size: int | None = None) -> tuple[Image.Image, str | 
     """Decode the pixels (first frame of an animation). With `size`, a JPEG at least twice that
     in both sides is decoded straight to grayscale at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
     scaling, Pillow's `draft`), still at least `size` on each side: 3-4x less work for a phone
-    photo (a 12 MP JPEG: ~36 instead of ~150 ms here); the bilinear resize then does the rest."""
+    photo (docs/serving.md); the bilinear resize then does the rest."""
     note = None
     if size and img.format == "JPEG" and min(img.size) >= 2 * size:
         mode, before = img.mode, img.size
@@ -128,8 +128,7 @@ ORIENTATION = 0x0112  # the EXIF tag cameras and phones set instead of rotating 
 
 def upright(img: Image.Image) -> tuple[Image.Image, str | None]:
     """The image as a browser shows it: EXIF orientation (2-8) applied with Pillow's
-    exif_transpose, so a phone photo taken sideways is classified upright. 3 µs when there is no
-    tag (every PNG the benchmark sends)."""
+    exif_transpose, so a phone photo taken sideways is classified upright."""
     try:
         orientation = img.getexif().get(ORIENTATION, 1)
     except Exception:  # noqa: BLE001 - an unreadable EXIF block: the pixels as stored
@@ -199,7 +198,7 @@ def softmax_top_k(logits: np.ndarray, class_names: list[str], k: int) -> list[di
 
 def warm_up(contract: dict, max_pixels: int) -> None:
     """Decode one small image per common format, so the first request does not pay for Pillow's
-    lazy plugin imports and first-use set-up (7.7 ms on the first PNG here, 0.5 ms after)."""
+    lazy plugin imports and first-use set-up."""
     for fmt, mode in (("PNG", "L"), ("JPEG", "RGB"), ("WEBP", "RGB")):
         buf = io.BytesIO()
         Image.new(mode, (28, 28)).save(buf, format=fmt)

@@ -19,9 +19,9 @@ PRESETS: dict[str, dict] = {
         dropout=0.5,
     ),
     # BatchNorm makes lr 0.1 safe (without it NiN can stall at loss ln 10 = 2.3026); one-cycle
-    # with Nesterov momentum converges in few epochs, which matters at ~17 min per CPU epoch;
-    # label smoothing and pad-2 crop + horizontal flip at 28x28 (garments are left-right
-    # symmetric, never upside down) fight overfitting. 3 CPU epochs gave 0.915 here.
+    # with Nesterov momentum converges in few epochs, which matters on a CPU; label smoothing and
+    # pad-2 crop + horizontal flip at 28x28 (garments are left-right symmetric, never upside down)
+    # fight overfitting.
     "strong": dict(
         epochs=15,
         batch_size=128,

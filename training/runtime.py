@@ -45,16 +45,16 @@ def cpu_info() -> tuple[str, set[str] | None]:
 
 
 def cpu_has_bf16() -> bool:
-    """AVX-512 BF16 or AMX: where bf16 autocast pays off on the CPU (2.2x fp32 measured on this
-    project's AVX-512 BF16 VM at 224 px; 9x slower than fp32 on its AVX2 VMs: docs/training.md)."""
+    """AVX-512 BF16 or AMX: where bf16 autocast pays off on the CPU; elsewhere it is emulated and
+    slower than fp32 (docs/training.md)."""
     flags = cpu_info()[1] or set()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def cpu_isa(flags: set[str]) -> str:
     """The vector instructions that set this model's CPU speed, from /proc/cpuinfo's flags:
-    int8 runs ~2.5x faster with AVX-512 VNNI than with AVX2 alone (docs/benchmark.md), so a CPU
-    figure means little without them."""
+    int8 and bf16 speeds differ severalfold between them, so a CPU figure means little without
+    them (docs/benchmark.md)."""
     if "amx_int8" in flags:
         return "AMX"
     if "avx512_vnni" in flags:
