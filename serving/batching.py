@@ -59,6 +59,7 @@ class MicroBatcher:
         self.inline_single = inline_single
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
+        self.closed = False
         self._carry = None  # an item taken from the queue that did not fit the last batch
         self.queued_images = 0  # submitted and not yet in a batch
         self.busy_lanes = 0
@@ -72,6 +73,7 @@ class MicroBatcher:
     def close(self) -> None:
         """Stop the batching task and the lanes' threads (at shutdown, once nothing is in
         flight: a batch still running is waited for, and whatever still queues is refused)."""
+        self.closed = True
         if self._worker is not None:
             self._worker.cancel()
         while self._queue is not None and not self._queue.empty():
@@ -83,6 +85,8 @@ class MicroBatcher:
 
     async def submit(self, x: np.ndarray) -> BatchResult:
         """Queue `x` (n, C, H, W) with n <= max_batch_size; returns when its batch has run."""
+        if self.closed:
+            raise RuntimeError("the batcher was closed")
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._loop())

@@ -111,24 +111,31 @@ def test_bad_settings_are_refused():
         MicroBatcher(lambda x, lane: None, 4, 0, lanes=-1)
 
 
-def test_close_stops_the_lane_threads_and_refuses_what_still_queues():
-    model = FakeModel(ms=1)
+def test_close_refuses_what_still_queues_and_stops_the_lane_threads():
+    gate = threading.Event()
+
+    def model(x, lane):  # the first batch holds until the gate opens
+        gate.wait(10)
+        return np.zeros((len(x), 2), np.float32), {}
+
+    threads = lambda: {t for t in threading.enumerate() if t.name.startswith(("lane-", "latency-lane"))}  # noqa: E731
+    before = threads()  # other tests' lanes may come and go meanwhile: only ours are counted
     batcher = MicroBatcher(model, 8, 0, lanes=2)
+    x = np.zeros((1, 1, 2, 2), np.float32)
 
     async def main():
-        first = await batcher.submit(np.zeros((1, 1, 2, 2), np.float32))
-        # two overlapping batches start the lanes' threads; then shut down with one queued
-        await asyncio.gather(*(batcher.submit(np.zeros((1, 1, 2, 2), np.float32)) for _ in range(8)))
-        batcher._queue.put_nowait((np.zeros((1, 1, 2, 2), np.float32), 0.0, asyncio.get_running_loop().create_future()))
-        waiting = batcher._queue._queue[0][2]
-        batcher.close()
-        await asyncio.sleep(0)
-        assert batcher._worker.done() and batcher._worker.cancelled()  # inside the loop: asyncio.run cancels leftovers itself
-        return first, waiting
+        running = asyncio.create_task(batcher.submit(x))
+        await asyncio.sleep(0.1)  # its batch is on the latency lane, held at the gate
+        queued = asyncio.create_task(batcher.submit(x))
+        await asyncio.sleep(0.1)  # waits for the next batch
+        assert threads() - before and not queued.done()
+        gate.set()
+        batcher.close()  # at shutdown, after uvicorn has answered what was in flight
+        with pytest.raises(RuntimeError, match="closed"):
+            await asyncio.wait_for(queued, 5)
+        with pytest.raises(RuntimeError, match="closed"):
+            await batcher.submit(x)
+        running.cancel()
 
-    threads = lambda: [t for t in threading.enumerate() if t.name.startswith(("lane-", "latency-lane"))]  # noqa: E731
-    before = len(threads())
-    first, waiting = asyncio.run(main())
-    assert first.batch_size == 1
-    assert isinstance(waiting.exception(), RuntimeError)
-    assert len(threads()) <= before and all(e._shutdown for e in (batcher._latency_thread, *batcher._lane_threads))
+    asyncio.run(main())
+    assert not threads() - before  # the lanes' threads are gone
