@@ -7,6 +7,7 @@
   (http.Edge keeps only its typed-endpoint checks).
 - `max-concurrency`: no admission bound of ours (NIN_MAX_QUEUE very large); BentoML's
   `traffic.max_concurrency` at NIN_AB_MAX_CONCURRENCY requests instead (it answers 429).
+- `no-drain`: SIGTERM left to uvicorn (start with `--timeout-graceful-shutdown`; bench/drain_ab.py).
 - `adaptive`: BentoML's adaptive batching, `@bentoml.api(batchable=True, max_batch_size=16,
   max_latency_ms=NIN_AB_MAX_LATENCY_MS)` at POST /classify_adaptive (field `images`), on the
   same engine, decoding and answer as the service, without the micro-batcher and its lanes.
@@ -20,6 +21,7 @@ from pathlib import Path
 import bentoml
 
 from serving import http, imaging
+from serving.drain import Drain
 from serving.engine import Engine, Settings
 from serving.service import NiNClassifier, bentoml_config
 
@@ -54,5 +56,7 @@ else:
         svc.middlewares[:] = [(TypedOnlyEdge, {})]
     elif ARM == "max-concurrency":
         svc.config.setdefault("traffic", {})["max_concurrency"] = int(os.environ.get("NIN_AB_MAX_CONCURRENCY", "32"))
+    elif ARM == "no-drain":
+        Drain.install = lambda self: False  # uvicorn keeps its own SIGTERM handler
     elif ARM != "service":
-        raise SystemExit(f"NIN_AB_ARM must be service, fastapi-routes, max-concurrency or adaptive, got {ARM!r}")
+        raise SystemExit(f"NIN_AB_ARM must be service, fastapi-routes, max-concurrency, no-drain or adaptive, got {ARM!r}")

@@ -69,8 +69,8 @@ class Drain:
             t.cancel()
 
     def _close(self) -> None:
-        server = getattr(self._next, "__self__", None)
-        if server is not None and hasattr(server, "config"):
+        server = uvicorn_server(self._next)
+        if server is not None:
             server.config.timeout_graceful_shutdown = self.timeout_s
         log.info("drain period over: closing the listener, answering what is in flight")
         # First the shared socket itself (the arbiter holds a copy): from here a new connection is
@@ -88,11 +88,18 @@ class Drain:
             os._exit(0)
 
 
+def uvicorn_server(handler):
+    """The uvicorn Server whose `handle_exit` is `handler` (uvicorn installs it for SIGTERM), or
+    None. The one place that knows uvicorn's insides: `Server.servers` (its asyncio servers) is
+    undocumented; tests/test_drain.py checks it against the installed uvicorn."""
+    server = getattr(handler, "__self__", None)
+    return server if hasattr(server, "servers") and hasattr(server, "config") else None
+
+
 def listening_sockets(handler) -> list[socket.socket]:
     """Duplicates of the listening sockets of the uvicorn server behind `handler`."""
-    server = getattr(handler, "__self__", None)
     out = []
-    for srv in getattr(server, "servers", None) or []:
+    for srv in getattr(uvicorn_server(handler), "servers", None) or []:
         for s in getattr(srv, "sockets", None) or []:
             try:
                 out.append(socket.socket(fileno=os.dup(s.fileno())))

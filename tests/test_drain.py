@@ -7,16 +7,13 @@ import signal
 import socket
 import threading
 import time
-from collections import Counter
 
-import aiohttp
 import pytest
 
+from bench.drain_ab import ramp_and_sigterm
 from bench.servers import free_port, server_output, start_server, wait_ready
 from serving.drain import Drain
-from serving.page import SAMPLES
 
-PNG = (SAMPLES / "test0000-ankle-boot.png").read_bytes()
 
 
 class FakeUvicorn:
@@ -51,6 +48,42 @@ def test_drain_fails_readiness_at_once_then_closes_the_shared_listener():
         listener.close()
 
 
+def test_the_installed_uvicorn_shows_drain_its_listening_sockets():
+    """What serving.drain needs from uvicorn, asked of a real uvicorn.Server: its SIGTERM handler
+    leads to the server, whose asyncio servers hold the listening socket. Fails on a uvicorn
+    that changed them."""
+    import uvicorn
+
+    from serving.drain import listening_sockets, uvicorn_server
+
+    async def app(scope, receive, send):
+        pass
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
+
+    async def main():
+        serving = asyncio.create_task(server.serve(sockets=[listener]))
+        for _ in range(200):
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        try:
+            assert server.started and uvicorn_server(server.handle_exit) is server
+            dups = listening_sockets(server.handle_exit)
+            assert [s.getsockname() for s in dups] == [listener.getsockname()]
+            for s in dups:
+                s.close()
+        finally:
+            server.should_exit = True
+            await serving
+
+    try:
+        asyncio.run(main())
+    finally:
+        listener.close()
+
+
 def test_drain_settings_are_checked():
     with pytest.raises(ValueError):
         Drain(drain_s=-1)
@@ -59,40 +92,6 @@ def test_drain_settings_are_checked():
     t.start()
     t.join()
     assert result["ok"] is False  # signals belong to the main thread; refused, not crashed
-
-
-async def _one(url: str, delay: float, out: list) -> None:
-    await asyncio.sleep(delay)
-    try:  # a fresh connection per request: no keep-alive race explains anything
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-            async with s.post(f"{url}/classify", data=PNG, headers={"Content-Type": "image/png"},
-                              timeout=aiohttp.ClientTimeout(total=60)) as r:
-                await r.read()
-                out.append(r.status)
-    except aiohttp.ClientConnectorError:
-        out.append("refused at connect")
-    except Exception as e:  # the server accepted the connection and never answered
-        out.append(f"dropped ({type(e).__name__})")
-
-
-async def ramp_and_sigterm(proc, url: str, n: int, span_s: float, signal_at_s: float) -> dict:
-    outcomes: list = []
-    tasks = [asyncio.create_task(_one(url, span_s * i / n, outcomes)) for i in range(n)]
-    await asyncio.sleep(signal_at_s)
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)  # to `bentoml serve` itself, as `docker stop` and the kubelet do
-    readyz, readyz_s = 200, None  # how soon /readyz fails after the signal was sent
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() - t0 < 5:
-            async with s.get(f"{url}/readyz") as r:
-                if r.status == 503:
-                    readyz, readyz_s = 503, time.monotonic() - t0
-                    break
-            await asyncio.sleep(0.05)
-    await asyncio.gather(*tasks)
-    rc = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 60)
-    return {"outcomes": Counter(outcomes), "readyz_after_signal": readyz, "readyz_failed_after_s": readyz_s,
-            "exit_s": time.monotonic() - t0, "rc": rc}
 
 
 @pytest.mark.integration
