@@ -7,6 +7,8 @@
   (http.Edge keeps only its typed-endpoint checks).
 - `max-concurrency`: no admission bound of ours (NIN_MAX_QUEUE very large); BentoML's
   `traffic.max_concurrency` at NIN_AB_MAX_CONCURRENCY requests instead (it answers 429).
+- `bentoml-parsing`: no http.Edge at all: the typed endpoints' bodies go to BentoML's parser as sent
+  (bench/typed_ab.py).
 - `no-drain`: SIGTERM left to uvicorn (start with `--timeout-graceful-shutdown`; bench/drain_ab.py).
 - `adaptive`: BentoML's adaptive batching, `@bentoml.api(batchable=True, max_batch_size=16,
   max_latency_ms=NIN_AB_MAX_LATENCY_MS)` at POST /classify_adaptive (field `images`), on the
@@ -56,7 +58,9 @@ else:
         svc.middlewares[:] = [(TypedOnlyEdge, {})]
     elif ARM == "max-concurrency":
         svc.config.setdefault("traffic", {})["max_concurrency"] = int(os.environ.get("NIN_AB_MAX_CONCURRENCY", "32"))
+    elif ARM == "bentoml-parsing":
+        svc.middlewares.clear()
     elif ARM == "no-drain":
         Drain.install = lambda self: False  # uvicorn keeps its own SIGTERM handler
     elif ARM != "service":
-        raise SystemExit(f"NIN_AB_ARM must be service, fastapi-routes, max-concurrency, no-drain or adaptive, got {ARM!r}")
+        raise SystemExit(f"NIN_AB_ARM must be service, fastapi-routes, max-concurrency, bentoml-parsing, no-drain or adaptive, got {ARM!r}")
