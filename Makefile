@@ -11,7 +11,7 @@ PORT ?= 3000
 
 # The virtual environment with everything (serving, training, tests); reinstalled when
 # pyproject.toml changes. torch 2.14.1 / torchvision 0.29.1 come from this machine's disk.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml serving/requirements.txt training/requirements.txt tests/requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[serve,train,dev]"
@@ -33,7 +33,10 @@ data:
 	  else echo "note: run 'apt-get install $$missing' as root (real data, benchmark, browser test)"; fi; \
 	fi
 
+# The shipped model goes into BentoML's model store (idempotent, checked against its card), and
+# the service serves it from there, as a bento built from this tree would.
 serve: setup
+	$(BIN)/python -m serving.model_files models/nin-fashion-mnist
 	$(BIN)/bentoml serve --port $(PORT)
 
 test: setup

@@ -94,9 +94,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if opts.register:
-        from export.registry import register
+        from serving.model_files import import_to_store
 
-        card["bentoml_tag"] = register(out, card, opts.name)
+        card["bentoml_tag"] = import_to_store(out, opts.name)
         opts.say(f"registered in the BentoML model store as {card['bentoml_tag']}")
     return card
 

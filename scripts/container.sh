@@ -6,9 +6,8 @@
 #   scripts/container.sh check            # exit 0 if a Docker daemon is (or can be made) available
 #
 # Docker Hub is unreachable here, so the base image is made locally with debootstrap
-# (../shared/CONTAINERS.md). NIN_CONTAINER_FLAVOR=cpu (default here) drops onnxruntime-gpu's
-# [cuda,cudnn] extras, which would pull ~2 GB of NVIDIA wheels into every CI build; `gpu`
-# keeps bentofile.yaml exactly as it is, for a host with `docker run --gpus all`.
+# (../shared/CONTAINERS.md). NIN_CONTAINER_FLAVOR=cpu (default here) leaves out onnxruntime-gpu's
+# CUDA and cuDNN wheels (serving/service.py: image()); `gpu` keeps them, for `docker run --gpus all`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -50,23 +49,19 @@ ensure_base() {
 build() {
   ensure_docker
   ensure_base
-  [ -f models/nin-fashion-mnist/card.json ] || die "no model in models/nin-fashion-mnist (export one first)"
-  local spec=bentofile.yaml tmp
-  tmp=$(mktemp /tmp/nin-bentofile.XXXX.yaml)
-  # the local base image; the CPU flavor without the NVIDIA wheels
-  sed -e "s|^docker:|docker:\n  base_image: \"$BASE\"|" -e '/^  distro:/d' "$spec" > "$tmp"
-  [ "$FLAVOR" = gpu ] || sed -i 's/onnxruntime-gpu\[cuda,cudnn\]/onnxruntime-gpu/' "$tmp"
   command -v uv >/dev/null || export PATH="$PWD/$BIN:$PATH"
+  # the shipped model into BentoML's store (the bento packs it from there), checked against its card
+  "$BIN/python" -m serving.model_files models/nin-fashion-mnist >/dev/null || die "the shipped model cannot be imported"
   local tag
-  tag=$("$BIN/bentoml" build -f "$tmp" --output tag 2>/dev/null | tail -1 | sed 's/^__tag__://')
-  rm -f "$tmp"
-  [ -n "$tag" ] || die "bentoml build failed"
-  # from /: containerize reads deploy/Dockerfile.template out of a temporary export of the bento
-  # and refuses any file outside its working directory
-  local bentoml_bin
-  bentoml_bin=$(cd "$(dirname "$BIN/bentoml")" && pwd)/bentoml
-  (cd / && DOCKER_BUILDKIT=0 "$bentoml_bin" containerize "$tag" -t "$IMAGE") >/tmp/nin-containerize.log 2>&1 \
+  tag=$(NIN_BASE_IMAGE="$BASE" NIN_CONTAINER_FLAVOR="$FLAVOR" "$BIN/bentoml" build --output tag 2>/tmp/nin-build.log | tail -1 | sed 's/^__tag__://')
+  [ -n "$tag" ] || die "bentoml build failed (see /tmp/nin-build.log)"
+  DOCKER_BUILDKIT=0 "$BIN/bentoml" containerize "$tag" -t "$IMAGE-bento" >/tmp/nin-containerize.log 2>&1 \
     || die "containerize failed (see /tmp/nin-containerize.log)"
+  # BentoML copies the model in as its non-root user's; here it becomes root's and read-only, so
+  # the service cannot alter the model it serves (the image API has no step after that copy)
+  printf 'FROM %s\nUSER root\nRUN chown -R root:root /home/bentoml/bento/models && chmod -R a-w,a+rX /home/bentoml/bento/models\nUSER bentoml\n' \
+    "$IMAGE-bento" | DOCKER_BUILDKIT=0 docker build -q -t "$IMAGE" - >/tmp/nin-readonly.log 2>&1 \
+    || die "the read-only model step failed (see /tmp/nin-readonly.log)"
   echo "$IMAGE"
 }
 

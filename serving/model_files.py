@@ -7,10 +7,14 @@ import json
 import os
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "nin-fashion-mnist"
+MODEL_NAME = "nin-fashion-mnist"
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / MODEL_NAME
 # An exported model folder: these files, named here once for export, serving and bench.
 CARD = "card.json"
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+# The shipped folder in BentoML's model store, version = its card's sha256 (store_version); the
+# service declares it, `make serve` imports it, tests/test_shipped_model.py ties it to the card.
+SHIPPED_TAG = f"{MODEL_NAME}:480775701d3d60f0"
 
 
 class ModelLoadError(RuntimeError):
@@ -18,10 +22,10 @@ class ModelLoadError(RuntimeError):
 
 
 def resolve(source: str | None) -> Path:
-    """A folder path, or a BentoML model tag (name[:version]) looked up in the local store."""
-    if not source:
-        path = DEFAULT_MODEL
-    elif Path(source).exists():
+    """A folder path, or a BentoML model tag (name[:version]) looked up in the local store;
+    None is the shipped model (SHIPPED_TAG)."""
+    source = source or SHIPPED_TAG
+    if Path(source).exists():
         path = Path(source)
     elif "/" in source or source.startswith("."):
         raise ModelLoadError(f"model folder not found: {source} (NIN_MODEL)")
@@ -31,7 +35,10 @@ def resolve(source: str | None) -> Path:
 
             path = Path(bentoml.models.get(source).path)
         except Exception as e:
-            raise ModelLoadError(f"model {source!r} is neither a folder nor a BentoML model tag ({type(e).__name__}: {e})") from None
+            hint = (f"; import the shipped one with `python -m serving.model_files {DEFAULT_MODEL}` (make serve does)"
+                    if source == SHIPPED_TAG else "")
+            raise ModelLoadError(f"model {source!r} is neither a folder nor a BentoML model tag "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0]}){hint}") from None
     if not (path / CARD).is_file():
         raise ModelLoadError(f"no card.json in {path}: export a checkpoint there with `python -m export CKPT --out {path}`")
     return path
@@ -79,3 +86,49 @@ def available_variants(card: dict) -> list[str]:
 
 def env(name: str, default: str) -> str:
     return os.environ.get(name, default)
+
+
+def store_version(folder: Path) -> str:
+    """A model folder's version in BentoML's store: its card's sha256, which names every file's."""
+    return sha256(Path(folder) / CARD)[:16]
+
+
+def import_to_store(folder: str | os.PathLike, name: str = MODEL_NAME) -> str:
+    """The exported `folder` in BentoML's local model store as name:<store_version>, every file
+    checked against its card first; a copy already there is checked the same way and kept."""
+    import shutil
+
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    folder = Path(folder)
+    card = load_card(folder)
+    for variant in available_variants(card):
+        verified_file(folder, card, variant)
+    tag = f"{name}:{store_version(folder)}"
+    try:
+        stored = Path(bentoml.models.get(tag).path)
+    except NotFound:
+        labels = {"dataset": "fashion-mnist", "architecture": "nin", "format": "onnx",
+                  "variants": "-".join(available_variants(card))}
+        metadata = {"test_accuracy": card.get("test_accuracy"), "card_sha256": sha256(folder / CARD),
+                    "checkpoint_sha256": card.get("checkpoint_sha256")}
+        with bentoml.models.create(tag, labels=labels, metadata=metadata) as model:
+            for f in sorted(folder.iterdir()):
+                if f.is_file():
+                    shutil.copy2(f, Path(model.path) / f.name)
+        return tag
+    if store_version(stored) != tag.split(":")[1]:
+        raise ModelLoadError(f"{tag} in BentoML's model store does not match its card: remove it (bentoml models delete {tag})")
+    for variant in available_variants(card):
+        verified_file(stored, card, variant)
+    return tag
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        print(import_to_store(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_MODEL))
+    except ModelLoadError as e:
+        sys.exit(f"error: {e}")

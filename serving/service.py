@@ -7,6 +7,7 @@ Routes and settings: docs/serving.md. Importing this module defines things and s
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -39,6 +40,19 @@ def bentoml_config() -> dict:
     return config
 
 
+def image() -> bentoml.images.Image:
+    """The bento's container image: Python 3.11 and serving/requirements.txt, every package locked
+    to an exact version when `bentoml build` runs. NIN_BASE_IMAGE names the base image (default:
+    BentoML's python:3.11-slim; scripts/container.sh builds one with no registry);
+    NIN_CONTAINER_FLAVOR=cpu leaves out onnxruntime-gpu's CUDA 13 and cuDNN 9 wheels (~2 GB)."""
+    lines = Path(__file__).with_name("requirements.txt").read_text().splitlines()
+    img = bentoml.images.Image(base_image=os.environ.get("NIN_BASE_IMAGE", ""), python_version="3.11")
+    img = img.python_packages(*(line for line in lines if line.strip() and not line.startswith("#")))
+    if os.environ.get("NIN_CONTAINER_FLAVOR", "gpu") == "gpu":
+        img = img.python_packages("onnxruntime-gpu[cuda,cudnn]==1.31.1")
+    return img
+
+
 def in_bentoml_worker() -> bool:
     """Whether this process is a worker `bentoml serve` started (not a test building the class)."""
     from bentoml._internal.context import server_context
@@ -50,7 +64,7 @@ app = http.make_app()  # the page's routes; the classify routes are this class's
 DIRECT = dict(response_model=None, response_class=JSONResponse, tags=["Classify (curl, browsers)"])
 
 
-@bentoml.service(name="nin-fashion-mnist", workers=1, traffic={"timeout": 30, "max_concurrency": 512},
+@bentoml.service(name="nin-fashion-mnist", image=image(), workers=1, traffic={"timeout": 30, "max_concurrency": 512},
                  **bentoml_config())
 @bentoml.asgi_app(app, path="/")
 class NiNClassifier:
@@ -58,6 +72,10 @@ class NiNClassifier:
     Network-in-Network model on onnxruntime. Send any PNG/JPEG/WebP/BMP/TIFF/GIF: it is converted
     to 8-bit grayscale and resized as in training. Every answer reports its timing and peak
     memory; every refusal is a 4xx JSON object {"error", "detail"}. The upload page is at /ui."""
+
+    # The shipped model, packed into the bento by `bentoml build`; NIN_MODEL (a folder or another
+    # tag) replaces it, e.g. for development and the tests.
+    model = None if os.environ.get("NIN_MODEL") else bentoml.models.BentoModel(model_files.SHIPPED_TAG)
 
     @bentoml.on_deployment
     def check_before_serving() -> None:
@@ -74,7 +92,10 @@ class NiNClassifier:
             raise SystemExit(f"error: cannot serve: {e}") from None
 
     def __init__(self) -> None:
-        self.engine = Engine(Settings.from_env())
+        settings = Settings.from_env()
+        if settings.model is None:  # the packed model, wherever BentoML keeps it
+            settings = dataclasses.replace(settings, model=self.model.path)
+        self.engine = Engine(settings)
         self.state = http.ServiceState(self.engine)
         settings = self.engine.settings
         self.drain = Drain(settings.drain_s, settings.shutdown_timeout_s)

@@ -203,17 +203,27 @@ def test_weights_that_do_not_fit_their_config_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_registers_in_the_bentoml_store(env, tmp_path, monkeypatch):
-    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
-    import importlib
+def test_import_to_store_is_idempotent_and_checks_every_file(env, tmp_path):
+    """The exported folder goes into BentoML's store as name:<its card's sha256>; a second import
+    keeps it; a stored copy altered since is refused in one line (a process of its own: BentoML
+    reads BENTOML_HOME when its store is first used)."""
+    import os
+    import subprocess
+    import sys
 
-    import bentoml
+    home = tmp_path / "bentoml"
 
-    from export.registry import register
+    def run():
+        return subprocess.run([sys.executable, "-m", "serving.model_files", str(env["out"])], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "BENTOML_HOME": str(home)})
 
-    importlib.reload(bentoml)  # BENTOML_HOME is read when the store is first used
-    tag = register(env["out"], env["card"], "nin-test")
-    model = bentoml.models.get(tag)
-    assert model.info.labels["dataset"] == "fashion-mnist"
-    assert model.info.metadata["test_accuracy"] == env["card"]["test_accuracy"]
-    assert (model.path_of("model.onnx")) and sha256_file(model.path_of("model.onnx")) == env["card"]["files"]["model.onnx"]["sha256"]
+    first, second = run(), run()
+    assert first.returncode == second.returncode == 0 and first.stdout == second.stdout, first.stderr
+    name, version = first.stdout.strip().split(":")
+    stored = home / "models" / name / version
+    assert sha256_file(stored / "model.onnx") == env["card"]["files"]["model.onnx"]["sha256"]
+    assert "fashion-mnist" in (stored / "model.yaml").read_text()
+    with open(stored / "model.int8.onnx", "ab") as f:
+        f.write(b"x")
+    third = run()
+    assert third.returncode == 1 and third.stderr.count("\n") == 1 and "does not match its card" in third.stderr, third.stderr

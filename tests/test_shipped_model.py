@@ -22,6 +22,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, REAL_DATA,
               pytest.mark.skipif(not (SHIPPED / "card.json").is_file(), reason="no shipped model yet")]
 
 
+def test_the_service_declares_the_shipped_folder_by_its_card():
+    """serving.model_files.SHIPPED_TAG (what the service packs and serves) names this folder's
+    card: re-shipping a model without updating it fails here, not in a container."""
+    from serving.model_files import MODEL_NAME, SHIPPED_TAG, store_version
+
+    assert SHIPPED_TAG == f"{MODEL_NAME}:{store_version(SHIPPED)}"
+
+
 def test_card_describes_a_trained_model():
     card = json.loads((SHIPPED / "card.json").read_text())
     assert card["test_images"] == 10_000 and card["test_accuracy"] >= MIN_ACCURACY
