@@ -59,7 +59,8 @@ def test_container_serves_real_predictions(image):
         assert r.status_code == 200, r.text
         correct = sum(res["label"] == int(y[i]) for i, res in enumerate(r.json()["results"]))
         assert correct >= 0.8 * 50 * card["test_accuracy"]  # a trained model, not noise
-        assert httpx.post(f"{url}/classify", content=b"junk", headers={"Content-Type": "image/png"}, timeout=10).status_code == 400
+        r = httpx.post(f"{url}/classify", content=b"junk", headers={"Content-Type": "image/png"}, timeout=10)
+        assert r.status_code == 400 and r.json()["error"] == "not_an_image"
     finally:
         subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
 

@@ -87,17 +87,17 @@ def test_concurrent_requests_up_to_the_bound_all_succeed_batched(server):
 
 def test_bad_inputs_over_http_then_a_good_one(server):
     with httpx.Client(timeout=30) as c:
-        for name, (data, status, _) in BAD.items():
+        for name, (data, status, error) in BAD.items():
             r = c.post(f"{server}/classify", content=data, headers={"Content-Type": "image/png"})
             assert r.status_code == status, (name, r.text)
-            assert set(r.json()) == {"error", "detail"}
+            assert set(r.json()) == {"error", "detail"} and r.json()["error"] == error, (name, r.text)
         big = b"\x89PNG" + bytes(MAX_BYTES + 10)
         r = c.post(f"{server}/classify", content=big, headers={"Content-Type": "image/png"})
         assert r.status_code == 413 and r.json()["error"] == "body_too_large"
         r = c.post(f"{server}/classify", files={"picture": ("x.png", b"x", "image/png")})
-        assert r.status_code == 422
+        assert r.status_code == 422 and r.json()["error"] == "missing_field"
         r = c.post(f"{server}/classify", content=b"hi", headers={"Content-Type": "text/plain"})
-        assert r.status_code == 415
+        assert r.status_code == 415 and r.json()["error"] == "unsupported_media_type"
         good = png_bytes(Image.new("L", (224, 224), 128))
         r = c.post(f"{server}/classify", files={"image": ("x.png", good, "image/png")})
         assert r.status_code == 200 and "label" in r.json()
@@ -271,8 +271,11 @@ def test_docs_json_matches_what_every_route_really_answers(server):
             ("/api/classify", 200): c.post("/api/classify", files={"image": ("a.png", png, "image/png")}),
             ("/api/classify_batch", 200): c.post("/api/classify_batch", files=[("images", ("a.png", png, "image/png"))] * 2),
         }
+        errors = {("/classify", 400): "not_an_image", ("/classify", 415): "unsupported_media_type",
+                  ("/classify", 422): "bad_top_k", ("/classify_batch", 413): "too_many_images"}
         for (path, status), r in answers.items():
             assert r.status_code == status, (path, r.text)
+            assert status == 200 or r.json()["error"] == errors[path, status], (path, r.text)
             method = "post"
             _validate(spec, _declared(spec, path, method, status), r.json())
         model = c.get("/model")

@@ -98,7 +98,7 @@ BAD = {
     "text": (b"hello, this is not an image", 400, "not_an_image"),
     "truncated_png": (truncated("PNG"), 400, "corrupt_image"),
     "truncated_jpeg": (truncated("JPEG"), 400, "corrupt_image"),
-    "zero_width": (png_with_size(0, 224), 400, None),
+    "zero_width": (png_with_size(0, 224), 400, "not_an_image"),  # Pillow refuses the header
     "bomb": (png_with_size(100_000, 100_000), 413, "image_too_large"),
     "ppm_format": (encode(Image.fromarray(GRAY), "PPM"), 415, "unsupported_format"),
 }

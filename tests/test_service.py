@@ -157,7 +157,7 @@ def test_content_length_in_odd_digits_is_not_a_500(client):
 def test_bad_image_in_a_batch(client):
     files = [("images", ("a.png", image_png(), "image/png")), ("images", ("b.png", b"junk", "image/png"))]
     r = client.post("/classify_batch", files=files)
-    assert r.status_code == 400 and r.json()["detail"].startswith("image 1:")
+    assert r.status_code == 400 and r.json()["error"] == "not_an_image" and r.json()["detail"].startswith("image 1:")
 
 
 def test_model_endpoint(client):
