@@ -120,25 +120,32 @@ def png_bytes(img) -> bytes:
 
 
 @pytest.fixture(scope="session")
-def service_cls(served_model):
-    os.environ["NIN_MODEL"] = str(served_model)
+def service_cls():
     from serving.service import NiNClassifier
 
     return NiNClassifier
 
 
 @pytest.fixture(scope="session")
-def client(service_cls):
+def client(service_cls, served_model):
     """The whole service in-process through an ASGI client. One per test session: BentoML
-    registers its Prometheus metrics once per process, so a second app cannot be built."""
+    registers its Prometheus metrics once per process, so a second app cannot be built.
+    NIN_MODEL is set only while the service instance is made (no environment leaks)."""
     from starlette.testclient import TestClient
 
-    with TestClient(service_cls.to_asgi()) as c:
-        for _ in range(400):
-            if c.get("/readyz").status_code == 200:
-                break
+    c = TestClient(service_cls.to_asgi())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NIN_MODEL", str(served_model))
+        c.__enter__()  # the lifespan makes the instance, which reads its settings
+    try:
+        deadline = time.monotonic() + 120
+        while c.get("/readyz").status_code != 200:
+            if time.monotonic() > deadline:
+                pytest.fail("the in-process service was not ready after 120 s")
             time.sleep(0.05)
         yield c
+    finally:
+        c.__exit__(None, None, None)
 
 
 MAX_BYTES = 2 * 2**20  # the byte cap of the shared real server

@@ -38,7 +38,9 @@ def test_drain_fails_readiness_at_once_then_closes_the_shared_listener():
         os.kill(os.getpid(), signal.SIGTERM)
         assert drain.draining.is_set() and not fake.should_exit  # readiness fails, serving goes on
         socket.create_connection(("127.0.0.1", port), timeout=2).close()  # still accepting
-        time.sleep(0.6)
+        deadline = time.monotonic() + 10  # the drain period is 0.3 s: poll for its end, fail loudly
+        while not fake.should_exit and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert fake.should_exit and fake.config.timeout_graceful_shutdown == 2
         with pytest.raises(ConnectionRefusedError):  # even though `listener` itself is still open
             socket.create_connection(("127.0.0.1", port), timeout=2)

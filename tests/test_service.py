@@ -34,7 +34,8 @@ def test_engine_in_process_picks_int8_on_cpu_and_matches_the_file(served_model):
     assert logits.shape == (1, 10) and info["peak_rss_mb"] > 0
 
 
-def test_service_class_in_process(service_cls):
+def test_service_class_in_process(service_cls, served_model, monkeypatch):
+    monkeypatch.setenv("NIN_MODEL", str(served_model))
     svc = service_cls()
     assert not svc.__is_ready__()  # warm-up takes seconds, off the constructor's path
     deadline = time.time() + 60
