@@ -53,3 +53,17 @@ def test_layers_point_one_way():
 
     assert offending("training", "serving", "bench") == []
     assert offending("serving", "training", "export", "bench", "torch") == []
+
+
+@pytest.mark.parametrize("marker, ci, fails", [("", "true", True), ("@pytest.mark.gpu", "true", False), ("", "", False)])
+def test_under_ci_only_gpu_tests_may_skip(tmp_path, marker, ci, fails):
+    """tests/ci_skips.py: a skip under CI=true fails the run unless the test is a GPU test."""
+    import os
+    import sys
+
+    (tmp_path / "test_one.py").write_text(f"import pytest\n\n{marker}\ndef test_x():\n    pytest.skip('wrk is not installed')\n")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.ci_skips", "-p", "no:cacheprovider",
+                        str(tmp_path / "test_one.py")], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env={**os.environ, "CI": ci, "PYTHONPATH": str(ROOT)})
+    assert (r.returncode != 0) == fails, r.stdout[-1000:]
+    assert ("only a GPU test may skip" in r.stdout) == fails and "1 skipped" in r.stdout
