@@ -101,6 +101,7 @@ def smoke_report(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # the smoke grid trains and exports
 def test_the_grid_writes_its_report(smoke_report):
     out = smoke_report
     text = (out / "README.md").read_text()
@@ -124,6 +125,7 @@ def test_the_grid_writes_its_report(smoke_report):
         assert one[0][key] != "", key
 
 
+@pytest.mark.slow  # the smoke grid trains and exports
 def test_rerun_resumes_and_an_arm_reproduces_its_record(smoke_report, tmp_path):
     before = (smoke_report / "runs.csv").read_text()
     arm = json.loads((smoke_report / "smoke" / "arms" / "1x1-1.json").read_text())
@@ -141,6 +143,7 @@ def test_rerun_resumes_and_an_arm_reproduces_its_record(smoke_report, tmp_path):
     assert other["seed"] == 1 and other["logits_init"] != arm["logits_init"]  # another seed, another start
 
 
+@pytest.mark.slow  # the smoke grid trains and exports
 def test_retime_remeasures_every_finished_arm(smoke_report):
     rc = experiments_main(["--budget", "smoke", "--retime", "--out", str(smoke_report)])
     assert rc == 0
@@ -164,6 +167,7 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "invalid choice" in r.stderr
 
 
+@pytest.mark.slow  # the smoke grid trains and exports
 def test_onnxruntime_latency_of_an_arm_is_measured_on_its_own_export():
     from training.experiments.runner import ort_ms_per_image
 

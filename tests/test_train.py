@@ -3,6 +3,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,7 @@ def test_weights_that_do_not_fit_their_config_are_one_line_errors(tmp_path):
     NiN(NiNConfig(image_size=67)).eval()(torch.zeros(1, 1, 67, 67))  # the smallest input NiN takes
 
 
+@pytest.mark.slow  # a training subprocess
 def test_max_steps_run_still_evaluates_and_writes_everything(tiny_data, tmp_path):
     out = tmp_path / "run"
     r = run_cli("--data-dir", str(tiny_data), "--out", str(out), "--max-steps", "3", *FAST)
@@ -113,6 +115,7 @@ def test_max_steps_run_still_evaluates_and_writes_everything(tiny_data, tmp_path
     assert json.loads((out / "args.json").read_text())["model_config"]["batch_norm"] is True
 
 
+@pytest.mark.slow  # a training subprocess
 def test_resume_continues_to_the_same_state_as_an_uninterrupted_run(tiny_data, tmp_path):
     once = run_cli("--data-dir", str(tiny_data), "--out", str(tmp_path / "once"), "--max-steps", "4", *FAST)
     assert once.returncode == 0, once.stderr
@@ -128,6 +131,7 @@ def test_resume_continues_to_the_same_state_as_an_uninterrupted_run(tiny_data, t
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 4
 
 
+@pytest.mark.slow  # a training subprocess
 def test_init_from_fine_tunes_from_a_checkpoint(tiny_data, tmp_path):
     first = run_cli("--data-dir", str(tiny_data), "--out", str(tmp_path / "a"), "--max-steps", "2", *FAST)
     assert first.returncode == 0, first.stderr
@@ -164,6 +168,7 @@ def test_summary_fills_hardware_only_where_a_run_did_not_record_it():
     assert training_summary(newest)["init_from"]["init_from"]["hardware"] is None  # no fallback: left unknown
 
 
+@pytest.mark.slow  # a training subprocess
 def test_nan_loss_stops_with_a_clear_message(tiny_data, tmp_path):
     r = run_cli("--data-dir", str(tiny_data), "--out", str(tmp_path / "nan"), "--max-steps", "40", "--lr", "1e30",
                 "--no-batch-norm", *FAST)
@@ -188,24 +193,34 @@ def test_bad_arguments_exit_with_one_line(argv, message, tmp_path, monkeypatch, 
     assert not (tmp_path / "x" / "last.pt").exists()
 
 
-def test_sigterm_saves_and_exits(tiny_data, tmp_path):
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_ends_where_an_uninterrupted_run_ends(tiny_data, tmp_path):
+    """SIGTERM after the first epoch: saved, exit 143, one line saying how to go on; --resume then
+    finishes the run with the same weights and optimizer state as a run never interrupted."""
+    args = ["--data-dir", str(tiny_data), "--epochs", "3", *FAST]
+    whole = run_cli(*args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
     out = tmp_path / "sig"
-    proc = subprocess.Popen([sys.executable, "-m", "training", "--data-dir", str(tiny_data), "--out", str(out),
-                             "--epochs", "50", *FAST], cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    # wait until training has written its first epoch, then interrupt it mid-run
-    for _ in range(600):
-        if (out / "metrics.csv").exists():
-            break
-        try:
-            proc.wait(timeout=0.5)
-        except subprocess.TimeoutExpired:
-            pass
+    proc = subprocess.Popen([sys.executable, "-m", "training", *args, "--out", str(out)], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300  # until the first epoch is written, then interrupt mid-run
+    while not (out / "metrics.csv").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before its first epoch"
+        time.sleep(0.05)
     proc.terminate()
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + 15, err
-    assert "continue with --resume" in err
-    ckpt = load_checkpoint(out / "last.pt")
-    assert ckpt["epoch"] >= 1
+    if proc.returncode == 0:  # finished all three epochs before the signal landed: nothing to resume
+        pytest.fail("the run was over before SIGTERM; make it longer")
+    assert proc.returncode == 128 + 15 and "continue with --resume" in err, err
+    assert load_checkpoint(out / "last.pt")["epoch"] >= 1
+    resumed = run_cli(*args, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_checkpoint(tmp_path / "whole/last.pt"), load_checkpoint(out / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
 
 
 def test_lr_suggestion_is_at_the_steepest_descent():
@@ -229,6 +244,7 @@ def test_lr_find_smoothing_is_unbiased_from_the_first_step():
     assert out[0] == 4.0 and 2.0 < out[2] < out[1] < 4.0
 
 
+@pytest.mark.slow  # a training subprocess
 def test_lr_find_writes_curve_and_suggestion(tiny_data, tmp_path):
     out = tmp_path / "lr"
     r = run_cli("--data-dir", str(tiny_data), "--out", str(out), "--lr-find", "--lr-find-steps", "12", *FAST)
@@ -254,6 +270,7 @@ def test_ddp_two_processes_on_cpu(tiny_data, tmp_path):
     assert json.loads((out / "args.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow  # a training subprocess
 def test_target_acc_stops_at_the_first_epoch_that_reaches_it(tiny_data, tmp_path):
     out = tmp_path / "t"
     fast = [a for a in FAST if a not in ("--eval-limit", "16")]
@@ -278,6 +295,7 @@ def test_epoch_batches_live_where_the_data_lives():
     assert torch.cat(a).sort().values.tolist() == list(range(40))
 
 
+@pytest.mark.slow  # a training subprocess
 def test_training_profile_cli_on_the_cpu(tmp_path):
     r = subprocess.run([sys.executable, "-m", "training.profile", "--device", "cpu", "--batch-size", "2", "--steps", "2",
                         "--warmup", "1", "--width", "0.25", "--image-size", "112", "--json", str(tmp_path / "p.json")],
@@ -294,6 +312,7 @@ def test_training_profile_cli_on_the_cpu(tmp_path):
     assert small.returncode == 2 and small.stderr.strip() == "error: --image-size must be at least 67 (NiN's smallest input), got 32"
 
 
+@pytest.mark.slow  # a training subprocess
 def test_a_missing_data_dir_stops_the_run_in_one_line(tmp_path):
     r = run_cli("--data-dir", "/no/such/folder", "--out", str(tmp_path / "x"), *FAST[2:])
     assert r.returncode == 2 and not (tmp_path / "x").exists()
