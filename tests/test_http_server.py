@@ -1,6 +1,7 @@
 """A real `bentoml serve` in a subprocess on a free port, hit over HTTP."""
 
 import concurrent.futures
+import os
 import socket
 import threading
 import time
@@ -102,7 +103,7 @@ def test_bad_inputs_over_http_then_a_good_one(server):
         r = c.post(f"{server}/classify", files={"image": ("x.png", good, "image/png")})
         assert r.status_code == 200 and "label" in r.json()
         metrics = c.get(f"{server}/metrics").text
-    for name in ("nin_inference_seconds", "nin_batch_size", "nin_peak_rss_bytes", "nin_rejected_requests_total"):
+    for name in ("nin_inference_seconds", "nin_batch_size", "nin_queue_seconds_count", "nin_peak_rss_bytes", "nin_rejected_requests_total"):
         assert name in metrics
     assert 'reason="body_too_large"' in metrics
 
@@ -350,3 +351,24 @@ def test_big_upload_bench_measures_small_requests_beside_large_ones(server, tmp_
     assert result["large_uploads"] and all(b["status"] == 200 for b in result["large_uploads"])
     assert result["p50"] <= result["p99"] <= result["max"]
     assert big_main(["--url", server, "--size", "12x"]) == 2
+
+
+def test_nin_model_may_name_a_bentoml_model_tag(served_model, tmp_path):
+    """NIN_MODEL=name:version serves that model from BentoML's store (here a store of the test's own)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
+    tag = subprocess.run([sys.executable, "-m", "serving.model_files", str(served_model)], capture_output=True, text=True,
+                         env=env, timeout=120, check=True).stdout.strip()
+    port = free_port()
+    proc = start_server(tag, port, {"BENTOML_HOME": env["BENTOML_HOME"]})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        info = httpx.get(f"{url}/model", timeout=10).json()
+        assert info["model_folder"] == str(tmp_path / "bentoml" / "models" / tag.replace(":", "/"))
+        png = png_bytes(Image.new("L", (224, 224), 100))
+        assert httpx.post(f"{url}/classify", content=png, headers={"Content-Type": "image/png"}, timeout=30).status_code == 200
+    finally:
+        stop_server(proc)

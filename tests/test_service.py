@@ -339,3 +339,47 @@ def test_importing_the_service_starts_nothing_even_with_a_bad_model_or_setting()
     env = {**os.environ, "NIN_MODEL": "/nonexistent/model", "NIN_MAX_BYTES": "lots"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "1", r.stderr[-2000:]
+
+
+def test_batch_limit_is_the_setting_exactly(served_model, monkeypatch):
+    """NIN_MAX_BATCH_IMAGES images are served, one more is a 413 too_many_images, none is a 422."""
+    monkeypatch.setenv("NIN_MODEL", str(served_model))
+    monkeypatch.setenv("NIN_MAX_BATCH_IMAGES", "5")
+    monkeypatch.setenv("NIN_LANES", "0")
+    engine = Engine(Settings.from_env())
+    assert engine.settings.max_batch_images == 5
+    state = http.ServiceState(engine)
+    engine.warm_up()
+    state.arm_admission()
+    files = [("images", (f"{i}.png", image_png(i), "image/png")) for i in range(6)]
+    with routes_over(state) as c:
+        r = c.post("/classify_batch", files=files[:5])
+        assert r.status_code == 200 and len(r.json()["results"]) == 5
+        r = c.post("/classify_batch", files=files)
+        assert (r.status_code, r.json()["error"]) == (413, "too_many_images")
+        r = c.post("/classify_batch", data={"top_k": "2"}, files={"note": ("a.txt", b"hi", "text/plain")})
+        assert (r.status_code, r.json()["error"]) == (422, "missing_field")
+
+
+def test_typed_batch_takes_the_maximum_and_refuses_one_more_or_none(client):
+    limit = client.get("/model").json()["limits"]["max_batch_images"]
+    png = image_png()
+    r = client.post("/api/classify_batch", files=[("images", (f"{i}.png", png, "image/png")) for i in range(limit)])
+    assert r.status_code == 200 and len(r.json()["results"]) == limit
+    r = client.post("/api/classify_batch", files=[("images", (f"{i}.png", png, "image/png")) for i in range(limit + 1)])
+    assert (r.status_code, r.json()["error"]) == (413, "too_many_images")
+    r = client.post("/api/classify_batch", data={"top_k": "2"}, files={"note": ("a.txt", b"hi", "text/plain")})
+    assert (r.status_code, r.json()["error"]) == (422, "unknown_field")
+
+
+def test_queue_time_is_a_metric(client):
+    """nin_queue_seconds counts every classify request (/metrics itself: tests/test_http_server.py)."""
+    from prometheus_client import REGISTRY
+
+    def count() -> float:
+        return REGISTRY.get_sample_value("nin_queue_seconds_count") or 0.0
+
+    before = count()
+    for _ in range(3):
+        assert client.post("/classify", content=image_png(), headers={"Content-Type": "image/png"}).status_code == 200
+    assert count() == before + 3

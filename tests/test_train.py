@@ -334,3 +334,24 @@ def test_cpu_figures_name_the_vector_instructions(flags, isa):
     from training.runtime import cpu_isa, hardware_name
     assert cpu_isa(flags) == isa
     assert hardware_name(torch.device("cpu")).endswith(")")
+
+
+def test_evaluate_cli_scores_a_checkpoint_and_writes_its_report(tmp_path, capsys):
+    """`python -m training.evaluate CKPT`: accuracy on the test images (equal to the training
+    loop's evaluate on the same model), eval.json and confusion.png; a missing file is one line."""
+    from tests.conftest import export_random_model
+    from training.engine import evaluate
+    from training.evaluate import main
+    from training.runtime import make_runtime
+
+    made = export_random_model(tmp_path / "m", n_test=20)
+    assert main([str(made["ckpt"]), "--data-dir", str(made["data"]), "--device", "cpu", "--out", str(tmp_path / "ev")]) == 0
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert report["test_images"] == 20 and (tmp_path / "ev" / "confusion.png").is_file()
+    model, config = model_from_checkpoint(load_checkpoint(made["ckpt"]))
+    x, y = data.load_split(data.find_data_root(str(made["data"])), train=False)
+    expected = evaluate(model, x, y, config, make_runtime("cpu", "off", "auto"))["acc"]
+    assert report["test_accuracy"] == pytest.approx(expected) and sum(map(sum, report["confusion_matrix"])) == 20
+    assert f"test accuracy {expected:.4f} on 20 images" in capsys.readouterr().out
+    assert main([str(tmp_path / "missing.pt"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith("error: checkpoint not found")
