@@ -28,7 +28,7 @@ MUTATIONS = {
               ["tests/test_service.py", "tests/test_api.py"]),
     "drain-ignored": ("serving/drain.py", "threading.Timer(self.drain_s, self._close)", "threading.Timer(0, self._close)",
                       ["tests/test_drain.py"]),
-    "4xx-as-500": ("serving/imaging.py", 'raise InputError(400, "not_an_image"', 'raise InputError(500, "not_an_image"',
+    "4xx-as-500": ("serving/imaging.py", 'raise InputError(400, "not_an_image", f"{len(data)} bytes', 'raise InputError(500, "not_an_image", f"{len(data)} bytes',
                    ["tests/test_imaging.py", "tests/test_service.py"]),
 }
 
