@@ -99,7 +99,7 @@ def test_training_cli_on_cuda_bf16_channels_last_and_resume(tmp_path):
     """bf16 autocast and channels_last on by default; an interrupted run resumes to the same
     state as an uninterrupted one, CUDA RNG state included (the augmentation draws on the GPU)."""
     torch = torch_cuda()
-    from training.checkpoint import load_checkpoint
+    from training.checkpoint import load_checkpoint, save_checkpoint
 
     data = make_fashion_mnist(tmp_path / "data", n_train=96, n_test=32)
     fast = ["--data-dir", str(data), "--device", "cuda", "--width", "0.25", "--batch-size", "16",
@@ -108,15 +108,27 @@ def test_training_cli_on_cuda_bf16_channels_last_and_resume(tmp_path):
     assert env_ok.returncode == 0, env_ok.stderr[-2000:]
     args = json.loads((tmp_path / "once" / "args.json").read_text())
     assert args["device"].startswith("cuda") and args["amp"] == "torch.bfloat16" and args["channels_last"] is True
-    for argv in (("--max-steps", "2"), ("--max-steps", "2", "--resume")):
-        r = run_cli("--out", str(tmp_path / "twice"), *argv, *fast)
+    r = run_cli("--out", str(tmp_path / "twice"), "--max-steps", "2", *fast)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # the same half-way checkpoint with its optimizer state dropped: what a broken resume would do
+    (tmp_path / "dropped").mkdir()
+    half = load_checkpoint(tmp_path / "twice/last.pt")
+    half["optimizer"]["state"] = {}
+    save_checkpoint(half, tmp_path / "dropped/last.pt")
+    for run in ("twice", "dropped"):
+        r = run_cli("--out", str(tmp_path / run), "--max-steps", "2", "--resume", *fast)
         assert r.returncode == 0, r.stderr[-2000:]
-    a, b = load_checkpoint(tmp_path / "once/last.pt"), load_checkpoint(tmp_path / "twice/last.pt")
+    a, b, c = (load_checkpoint(tmp_path / f"{run}/last.pt") for run in ("once", "twice", "dropped"))
     assert "cuda" in a["rng"] and torch.equal(a["rng"]["cuda"], b["rng"]["cuda"])
     assert torch.equal(a["rng"]["cpu"], b["rng"]["cpu"])
     assert a["batch_in_epoch"] == b["batch_in_epoch"] == 4
-    for k in a["model"]:  # cuDNN's kernels may differ in the last bits between processes
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0.05, atol=0.02, msg=k)
+    # cuDNN's kernels may differ in the last bits between processes, so not bit for bit: the
+    # resumed run must sit far closer to the uninterrupted one than a resume without its momentum
+    def gap(x, y):
+        return sum((x[k].float() - y[k].float()).abs().sum().item() for k in x)
+    momenta = [{k: s["momentum_buffer"] for k, s in ck["optimizer"]["state"].items()} for ck in (a, b, c)]
+    assert gap(momenta[0], momenta[1]) < 0.05 * gap(momenta[0], momenta[2])  # on the CPU: 0 against 1,415
+    assert gap(a["model"], b["model"]) < 0.05 * gap(a["model"], c["model"])
     assert "NVIDIA" in a["runtime"]["hardware"]
 
 
