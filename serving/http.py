@@ -324,12 +324,12 @@ def make_app() -> FastAPI:
     return app
 
 
-def current_state() -> ServiceState | None:
-    """The running service's state (BentoML sets the current service when a worker starts)."""
+def current_service():
+    """The running service instance (BentoML sets it when a worker starts), or None before."""
     import bentoml
 
     try:
-        return bentoml.get_current_service().state
+        return bentoml.get_current_service()
     except Exception:  # noqa: BLE001 - not instantiated yet: the routes answer 503 not_ready
         return None
 
@@ -347,11 +347,12 @@ async def classify_files(state: ServiceState | None, blobs: list[bytes], single:
 class Edge:
     """ASGI middleware in front of BentoML's inner stack, for two things.
 
-    Direct routes: POST /classify and /classify_batch go straight to classify_request(),
-    skipping the ASGI layers between here and the FastAPI handler (BentoML's context, Starlette's
-    and FastAPI's exception, body-limit and routing middlewares, dependency solving): less
-    event-loop CPU per request (docs/decisions.md). BentoML's outer middlewares (timeout,
-    concurrency limit, request metrics, access log and tracing where enabled) still wrap them.
+    Direct routes: POST /classify and /classify_batch go straight to the service's own route
+    methods, skipping the ASGI layers between here and them (BentoML's context, Starlette's and
+    FastAPI's exception, body-limit and routing middlewares, dependency solving): more throughput
+    (docs/decisions.md). Those methods are the one place these routes are answered. BentoML's
+    outer middlewares (timeout, concurrency limit, request metrics, access log and tracing where
+    enabled) still wrap them.
 
     Typed endpoints (POST /api/classify, /api/classify_batch), whose body BentoML itself reads
     and parses: a body over the byte cap is refused with 413 while it arrives; a body that is not
@@ -359,23 +360,24 @@ class Edge:
     with a 500) gets the usual 4xx JSON instead; a media type in another case and a file name
     BentoML cannot save a file under are made safe first (serving/forms.py).
 
-    `get_state` gives the running service's state (tests pass their own)."""
+    `get_service` gives the running service (tests pass their own)."""
 
-    DIRECT = {"/classify": "image", "/classify_batch": "images"}
+    DIRECT = {"/classify": "classify_route", "/classify_batch": "classify_batch_route"}
     TYPED = {"/api/classify": "image", "/api/classify_batch": "images"}
 
-    def __init__(self, app, get_state=current_state) -> None:
-        self.app, self.get_state = app, get_state
+    def __init__(self, app, get_service=current_service) -> None:
+        self.app, self.get_service = app, get_service
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        if (field := self.DIRECT.get(path)) is not None:
-            return await self._direct(scope, receive, send, field)
+        if (route := self.DIRECT.get(path)) is not None:
+            return await self._direct(scope, receive, send, route)
         if (field := self.TYPED.get(path)) is None:
             return await self.app(scope, receive, send)
-        state = self.get_state()
+        service = self.get_service()
+        state = getattr(service, "state", None)
         if state is None or not state.open.is_set():
             status, body, headers = NOT_READY
             return await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)
@@ -406,9 +408,14 @@ class Edge:
 
         await self.app(scope, replay, send)
 
-    async def _direct(self, scope, receive, send, field: str) -> None:
+    async def _direct(self, scope, receive, send, route: str) -> None:
+        service = self.get_service()
         try:
-            response = await classify_request(self.get_state(), Request(scope, receive), field)
+            if service is None:
+                status, body, headers = NOT_READY
+                response = JSONResponse(body, status_code=status, headers=headers)
+            else:
+                response = await getattr(service, route)(Request(scope, receive))
         except Exception:  # what Starlette's ServerErrorMiddleware did for the FastAPI route, in JSON
             log.exception("POST %s failed", scope.get("path"))
             response = JSONResponse({"error": "internal_error", "detail": "the server failed on this request; "

@@ -125,8 +125,8 @@ class NiNClassifier:
         return self.warmed.is_set() and not self.drain.draining.is_set()
 
     # For curl and browsers: multipart or a raw body, the byte cap while reading, a 4xx JSON for
-    # every bad upload. http.Edge answers POST on these paths before BentoML's inner layers reach
-    # them; the routes describe them in /docs.json and answer where Edge is not in front.
+    # every bad upload. http.Edge calls these methods directly, past BentoML's inner layers
+    # (docs/decisions.md); as FastAPI routes they are what /docs.json describes.
     @app.post("/classify", summary="Classify one image", **DIRECT,
               responses={200: {"model": Classification, "description": "the prediction, with timing and memory"},
                          **error_responses(400, 413, 415, 422, 503)},

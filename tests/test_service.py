@@ -5,7 +5,7 @@ import io
 import mmap
 import time
 from contextlib import contextmanager
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 
 import numpy as np
 import pytest
@@ -178,7 +178,11 @@ def routes_over(state, passed: list | None = None):
 
     from serving.service import app
 
+    from serving.service import NiNClassifier
+
     service = SimpleNamespace(state=state, engine=state.engine)
+    for route in http.Edge.DIRECT.values():  # the service's own route methods, bound to this stand-in
+        setattr(service, route, MethodType(getattr(NiNClassifier.inner, route), service))
     app.dependency_overrides[bentoml.get_current_service] = lambda: service
 
     async def inner(scope, receive, send):
@@ -186,7 +190,7 @@ def routes_over(state, passed: list | None = None):
             passed.append((scope["method"], scope["path"]))
         await app(scope, receive, send)
 
-    edge = http.Edge(inner, get_state=lambda: state)
+    edge = http.Edge(inner, get_service=lambda: service)
 
     async def both(scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith("/plain/"):

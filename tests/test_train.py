@@ -64,9 +64,9 @@ def test_checkpoint_round_trip_is_weights_only_and_atomic(tmp_path):
 def test_bad_checkpoints_get_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt")
-    for name, data in (("junk.pt", b"not a checkpoint"), ("text.pt", b"# a README\n\nnot a checkpoint\n"),
+    for name, blob in (("junk.pt", b"not a checkpoint"), ("text.pt", b"# a README\n\nnot a checkpoint\n"),
                        ("noise.pt", bytes(range(256)) * 2)):
-        (tmp_path / name).write_bytes(data)
+        (tmp_path / name).write_bytes(blob)
         with pytest.raises(ValueError, match="not a readable checkpoint") as err:
             load_checkpoint(tmp_path / name)
         message = str(err.value)  # one line, and no advice to load with weights_only=False
