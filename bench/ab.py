@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.baselines import ort_baseline
 from bench.images import real_test_pngs
 from bench.load import CpuMeter, have_wrk, wrk_level
-from bench.servers import ROOT, _spawn, free_port, stop_server
+from bench.servers import ROOT, _spawn, free_port, stop_server, wait_ready, write_results
 from serving import imaging
 from serving.model_files import CARD, VARIANT_FILES
 from training.runtime import hardware_name
@@ -68,22 +68,6 @@ def start(name: str, model: str, variant: str):
                   quiet=True)
     proc.url, proc.path, proc.field, proc.ready = f"http://127.0.0.1:{port}", path, field, ready
     return proc
-
-
-def wait_up(proc, timeout: float = 240) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-        try:
-            if httpx.get(proc.url + proc.ready, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{proc.url} not ready after {timeout:g} s")
 
 
 def median_level(runs: list[dict]) -> dict:
@@ -137,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in arms:
             procs[name] = start(name, args.model, args.variant)
         for proc in procs.values():
-            wait_up(proc)
+            wait_ready(proc.url, proc, timeout=240, path=proc.ready)
         for proc in procs.values():  # one short pass each: first-request costs out of the rounds
             wrk_level(proc.url, png, 1, 1, path=proc.path, field=proc.field)
         runs: dict[str, dict[int, list]] = {a: {c: [] for c in levels} for a in arms}
@@ -160,11 +144,7 @@ def main(argv: list[str] | None = None) -> int:
               "in_process": in_process(Path(args.model), args.variant, png)}
     text = markdown(result)
     print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "ab.json").write_text(json.dumps(result, indent=1))
-        (out / "ab.md").write_text(text)
+    write_results(args.out, "ab", result, text)
     return 0
 
 

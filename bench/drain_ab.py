@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import aiohttp
 
-from bench.servers import ROOT, _spawn, free_port, stop_server, wait_ready
+from bench.servers import ROOT, _spawn, free_port, stop_server, wait_ready, write_results
 from serving.page import SAMPLES
 
 PNG = (SAMPLES / "test0000-ankle-boot.png").read_bytes()
@@ -112,11 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"SIGTERM 0.5 s into a ramp of {args.requests} requests over {args.span:g} s, each on a fresh connection "
             f"(drain arm: NIN_DRAIN_SECONDS={args.drain:g}).\n\n" + "\n".join(lines) + "\n")
     print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "drain_ab.json").write_text(json.dumps(rounds, indent=1))
-        (out / "drain_ab.md").write_text(text)
+    write_results(args.out, "drain_ab", rounds, text)
     return 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from bench.servers import ROOT, free_port, start_server, stop_server, wait_ready
+from bench.servers import ROOT, free_port, start_server, stop_server, wait_ready, write_results
 
 HAPROXY_CFG = """
 global
@@ -185,11 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     md = markdown(s)
     print(md)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "rollout.json").write_text(json.dumps(s, indent=1))
-        (out / "rollout.md").write_text(md)
+    write_results(args.out, "rollout", s, md)
     return 0 if s["total"]["failed"] == 0 else 1
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -23,14 +24,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 180) -> None:
-    """Poll URL/readyz until it answers 200; fail early if `proc` exits."""
+def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 180, path: str = "/readyz") -> None:
+    """Poll URL + `path` until it answers 200; fail early if `proc` exits."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}\n{server_output(proc)}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -61,6 +62,15 @@ def start_reference(model: str | Path, variant: str, port: int, quiet: bool = Fa
     bench.reference_timed: the same app with its phases timed)."""
     return _spawn([sys.executable, "-m", "uvicorn", f"{module}:app", "--host", "127.0.0.1", "--port", str(port),
                    "--log-level", "warning"], {"NIN_REF_MODEL": str(model), "NIN_REF_VARIANT": variant}, quiet)
+
+
+def write_results(out: str | os.PathLike | None, name: str, data, text: str) -> None:
+    """`name`.json and `name`.md into folder `out` (nothing when `out` is None)."""
+    if out:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(data, indent=1))
+        (out / f"{name}.md").write_text(text)
 
 
 def server_output(proc: subprocess.Popen, tail: int = 3000) -> str:

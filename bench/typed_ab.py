@@ -8,13 +8,11 @@ each request sent to both arms, status and body shape recorded.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import httpx
 
-from bench.servers import ROOT, _spawn, free_port, stop_server, wait_ready
+from bench.servers import ROOT, _spawn, free_port, stop_server, wait_ready, write_results
 from serving.page import SAMPLES
 
 PNG = (SAMPLES / "test0000-ankle-boot.png").read_bytes()
@@ -78,11 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {name} | {fmt(results['guarded'][name])} | {fmt(results['bentoml'][name])} |" for name in CASES]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "typed_ab.json").write_text(json.dumps(results, indent=1))
-        (out / "typed_ab.md").write_text(text)
+    write_results(args.out, "typed_ab", results, text)
     return 0
 
 
