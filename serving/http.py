@@ -21,7 +21,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from serving import forms, imaging, page
+from serving import auth, forms, imaging, page
 from serving.admission import Admission
 from serving.batching import MicroBatcher
 from serving.engine import Engine
@@ -345,7 +345,10 @@ async def classify_files(state: ServiceState | None, blobs: list[bytes], single:
 
 
 class Edge:
-    """ASGI middleware in front of BentoML's inner stack, for two things.
+    """ASGI middleware in front of BentoML's inner stack, for three things.
+
+    API keys, when set (serving/auth.py): checked here, before any body is read, for every route
+    BentoML or the app serves.
 
     Direct routes: POST /classify and /classify_batch go straight to the service's own route
     methods, skipping the ASGI layers between here and them (BentoML's context, Starlette's and
@@ -365,13 +368,18 @@ class Edge:
     DIRECT = {"/classify": "classify_route", "/classify_batch": "classify_batch_route"}
     TYPED = {"/api/classify": "image", "/api/classify_batch": "images"}
 
-    def __init__(self, app, get_service=current_service) -> None:
+    def __init__(self, app, get_service=current_service, keys: auth.ApiKeys | None = None) -> None:
         self.app, self.get_service = app, get_service
+        self.keys = auth.ApiKeys.from_env() if keys is None else keys
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST":
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
+        if self.keys and (refused := self._check_key(scope, path)):
+            return await refused(scope, receive, send)
+        if scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
         if (route := self.DIRECT.get(path)) is not None:
             return await self._direct(scope, receive, send, route)
         if (field := self.TYPED.get(path)) is None:
@@ -407,6 +415,19 @@ class Edge:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+    def _check_key(self, scope, path: str) -> JSONResponse | None:
+        """API keys (serving/auth.py): a 401 for a protected path without a right key; the
+        OpenAPI document with the bearer scheme Swagger UI's Authorize button needs."""
+        if self.keys.protects(path):
+            if reason := self.keys.refusal(Headers(scope=scope).get("authorization")):
+                status, body, headers = auth.unauthorized(reason)
+                return JSONResponse(body, status_code=status, headers=headers)
+        elif path == "/docs.json" and scope.get("method") == "GET":
+            service = getattr(self.get_service(), "bento_service", None)
+            if service is not None:
+                return JSONResponse(auth.with_security(service.openapi_spec.asdict(), self.keys))
+        return None
 
     async def _direct(self, scope, receive, send, route: str) -> None:
         service = self.get_service()

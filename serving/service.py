@@ -19,7 +19,7 @@ import bentoml
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from serving import http, imaging, model_files
+from serving import auth, http, imaging, model_files
 from serving.drain import Drain, exit_with_parent
 from serving.engine import Engine, Settings, check_gpu_requirement
 from serving.model_files import ModelLoadError
@@ -83,6 +83,7 @@ class NiNClassifier:
         worker starts (BentoML restarts a worker whose __init__ raises, forever)."""
         try:
             settings = Settings.from_env()
+            keys = auth.ApiKeys.from_env()
             check_gpu_requirement(settings)
             folder = model_files.resolve(settings.model)
             card = model_files.load_card(folder)
@@ -90,6 +91,9 @@ class NiNClassifier:
                 model_files.verified_file(folder, card, variant)
         except ModelLoadError as e:
             raise SystemExit(f"error: cannot serve: {e}") from None
+        if keys:
+            log.info("every route but the probes, docs and page needs one of %d API keys%s", keys.count,
+                     " (/metrics too)" if keys.metrics else "")
 
     def __init__(self) -> None:
         settings = Settings.from_env()

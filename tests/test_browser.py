@@ -106,3 +106,54 @@ def test_upload_page_in_chromium(browser, shipped_server, tmp_path):
     browser.set_window_size(390, 844)
     width = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
     assert width[0] <= width[1], width
+
+
+@pytest.fixture(scope="module")
+def keyed_server(served_model):
+    from bench.servers import free_port, start_server, stop_server, wait_ready
+
+    port = free_port()
+    proc = start_server(served_model, port, {"NIN_API_KEYS": KEY})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        yield url
+    finally:
+        stop_server(proc)
+
+
+KEY = "browser-test-key-0123456789"
+
+
+def test_page_and_swagger_work_with_an_api_key(browser, keyed_server):
+    """With NIN_API_KEYS set: the page shows its key field after the 401 and classifies once a key
+    is typed; Swagger UI's Authorize button takes the key and its calls then succeed."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.set_window_size(1200, 1300)
+    browser.get(f"{keyed_server}/ui")
+    WebDriverWait(browser, 20).until(lambda d: d.find_element(By.ID, "key-row").is_displayed())
+    assert "needs an API key" in browser.find_element(By.ID, "model").text
+    browser.find_element(By.CSS_SELECTOR, '#samples button[data-sample="test0000-ankle-boot.png"]').click()
+    card = wait_for_card(browser, 0)
+    assert card.find_element(By.CSS_SELECTOR, '[data-testid="error"]').text == "missing_api_key (HTTP 401)"
+    browser.find_element(By.ID, "key").send_keys(KEY, Keys.TAB)  # a change event
+    WebDriverWait(browser, 20).until(lambda d: "variant on" in d.find_element(By.ID, "model").text)
+    browser.find_element(By.CSS_SELECTOR, '#samples button[data-sample="test0000-ankle-boot.png"]').click()
+    assert wait_for_card(browser, 1).get_attribute("data-state") == "done"
+
+    browser.get(keyed_server + "/")
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "button.authorize"))[0].click()
+    modal = WebDriverWait(browser, 10).until(lambda d: d.find_element(By.CSS_SELECTOR, ".auth-container input"))
+    modal.send_keys(KEY)
+    browser.find_element(By.CSS_SELECTOR, ".auth-container button.authorize").click()
+    browser.find_element(By.CSS_SELECTOR, "button.btn-done").click()
+    op = browser.find_element(By.CSS_SELECTOR, '.opblock-summary-path[data-path="/model"]')
+    op.click()
+    block = op.find_element(By.XPATH, "./ancestor::div[contains(@class, 'opblock ')]")
+    WebDriverWait(block, 10).until(lambda b: b.find_element(By.CSS_SELECTOR, "button.try-out__btn")).click()
+    block.find_element(By.CSS_SELECTOR, "button.execute").click()
+    status = WebDriverWait(block, 20).until(lambda b: b.find_element(By.CSS_SELECTOR, ".live-responses-table tbody .response-col_status"))
+    assert status.text.strip().startswith("200"), block.text[-2000:]
