@@ -17,7 +17,14 @@ $(STAMP): pyproject.toml serving/requirements.txt training/requirements.txt test
 	$(BIN)/python -m pip install --quiet -e ".[serve,train,dev]"
 	touch $(STAMP)
 
-setup: $(STAMP) data
+# The security scanners (checkov, bandit) in a venv of their own: their pins clash with bentoml's.
+SCAN := .venv-scan
+$(SCAN)/.installed: tests/scan-requirements.txt
+	test -x $(SCAN)/bin/python || $(PY) -m venv $(SCAN)
+	$(SCAN)/bin/python -m pip install --quiet -r tests/scan-requirements.txt
+	touch $@
+
+setup: $(STAMP) $(SCAN)/.installed data
 
 # From Debian: the real Fashion-MNIST (the four original IDX .gz files), wrk (the benchmark's
 # native load generator), chromium + chromium-driver (tests/test_browser.py drives the upload

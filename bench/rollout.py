@@ -13,7 +13,7 @@ import argparse
 import asyncio
 import shutil
 import signal
-import subprocess
+import subprocess  # nosec B404  # starts haproxy and the replicas, fixed argument lists, never a shell
 import sys
 import tempfile
 import time
@@ -118,7 +118,7 @@ def run(model: Path, concurrency: int, duration: float, drain_s: float, log=prin
     front = free_port()
     with tempfile.NamedTemporaryFile("w", suffix=".cfg", delete=False) as f:
         f.write(haproxy_config(front, ports))
-    lb = subprocess.Popen([haproxy, "-f", f.name, "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lb = subprocess.Popen([haproxy, "-f", f.name, "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # nosec B603  # haproxy (found by shutil.which) on a config file written just above
     try:
         for proc, p in replicas:
             wait_ready(f"http://127.0.0.1:{p}", proc)
@@ -146,7 +146,7 @@ def run(model: Path, concurrency: int, duration: float, drain_s: float, log=prin
         summary = summarize(records, (window[0], window[1]))
         summary["setup"] = {"concurrency": concurrency, "duration_s": duration, "drain_s": drain_s,
                             "restart_window_s": [round(w, 1) for w in window], "replicas": 2,
-                            "load_balancer": subprocess.run([haproxy, "-v"], capture_output=True, text=True).stdout.split("\n")[0]}
+                            "load_balancer": subprocess.run([haproxy, "-v"], capture_output=True, text=True).stdout.split("\n")[0]}  # nosec B603  # haproxy -v: its version, for the report
         return summary
     finally:
         lb.terminate()

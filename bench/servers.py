@@ -7,7 +7,7 @@ import json
 import os
 import signal
 import socket
-import subprocess
+import subprocess  # nosec B404  # starts the servers under test, fixed argument lists, never a shell
 import sys
 import tempfile
 import time
@@ -43,7 +43,7 @@ def _spawn(cmd: list[str], env: dict, quiet: bool) -> subprocess.Popen:
     """Output to an unnamed temporary file (`proc.log`), never to a pipe: a pipe nobody reads
     fills up with access-log lines after a few hundred requests and then blocks the server."""
     log = None if quiet else tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log or subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log or subprocess.DEVNULL,  # nosec B603  # bentoml/uvicorn under this interpreter, argument lists built in this module
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     proc.log = log
     return proc

@@ -55,13 +55,14 @@ build() {
   local tag
   tag=$(NIN_BASE_IMAGE="$BASE" NIN_CONTAINER_FLAVOR="$FLAVOR" "$BIN/bentoml" build --output tag 2>/tmp/nin-build.log | tail -1 | sed 's/^__tag__://')
   [ -n "$tag" ] || die "bentoml build failed (see /tmp/nin-build.log)"
-  DOCKER_BUILDKIT=0 "$BIN/bentoml" containerize "$tag" -t "$IMAGE-bento" >/tmp/nin-containerize.log 2>&1 \
+  # BentoML's user `bentoml` with uid/gid 10034 instead of its default 1034 (below 10000, where
+  # a host's own users live)
+  DOCKER_BUILDKIT=0 "$BIN/bentoml" containerize "$tag" -t "$IMAGE-bento" \
+    --opt build-arg=BENTO_USER_UID=10034 --opt build-arg=BENTO_USER_GID=10034 >/tmp/nin-containerize.log 2>&1 \
     || die "containerize failed (see /tmp/nin-containerize.log)"
-  # BentoML copies the model in as its non-root user's; here it becomes root's and read-only, so
-  # the service cannot alter the model it serves (the image API has no step after that copy)
-  printf 'FROM %s\nUSER root\nRUN chown -R root:root /home/bentoml/bento/models && chmod -R a-w,a+rX /home/bentoml/bento/models\nUSER bentoml\n' \
-    "$IMAGE-bento" | DOCKER_BUILDKIT=0 docker build -q -t "$IMAGE" - >/tmp/nin-readonly.log 2>&1 \
-    || die "the read-only model step failed (see /tmp/nin-readonly.log)"
+  # the last layer: a read-only model and a HEALTHCHECK (deploy/Dockerfile says why there)
+  DOCKER_BUILDKIT=0 docker build -q -t "$IMAGE" --build-arg BENTO_IMAGE="$IMAGE-bento" - <deploy/Dockerfile \
+    >/tmp/nin-last-layer.log 2>&1 || die "the last layer failed (see /tmp/nin-last-layer.log)"
   echo "$IMAGE"
 }
 

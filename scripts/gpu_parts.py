@@ -29,13 +29,13 @@ import hashlib
 import json
 import lzma
 import shutil
-import subprocess
+import subprocess  # nosec B404  # pip and xz with fixed argument lists, never a shell
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
-STORE = Path("/tmp/nin-gpu-parts")
+STORE = Path("/tmp/nin-gpu-parts")  # nosec B108  # the GPU machine is single-user and lent to one session; the parts must wait at a path the next call knows
 ORT_GPU = "onnxruntime-gpu==1.31.1"
 BENTOML = "bentoml==1.4.40"
 BIG_LIB = "onnxruntime/capi/libonnxruntime_providers_cuda.so"
@@ -62,7 +62,7 @@ def pip_download(dest: Path, specs: list[str], deps: bool) -> None:
         cmd += ["--platform", p]
     if not deps:
         cmd.append("--no-deps")
-    subprocess.run(cmd + specs, check=True)
+    subprocess.run(cmd + specs, check=True)  # nosec B603  # pip under this interpreter, pinned specs from this file
 
 
 def dist_name(wheel: Path) -> str:
@@ -73,7 +73,7 @@ def compress(src: Path, dst: Path) -> None:
     """xz -9 (multi-threaded where the xz tool exists; Python's lzma decompresses it anywhere)."""
     if shutil.which("xz"):
         with open(dst, "wb") as out:
-            subprocess.run(["xz", "-9", "-T0", "-c", str(src)], stdout=out, check=True)
+            subprocess.run(["xz", "-9", "-T0", "-c", str(src)], stdout=out, check=True)  # nosec B603 B607  # xz from PATH (Debian's), on files this script wrote
     else:
         with open(src, "rb") as fin, lzma.open(dst, "wb", preset=9) as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)
@@ -211,7 +211,7 @@ def assemble(store: Path, site: Path) -> int:
         files = {name: join(store, manifest, name, work / name) for name in manifest["files"]}
         wheels = [files[w] for w in manifest["wheels"]]
         if wheels:
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",  # nosec B603  # pip under this interpreter, --no-index, wheels checked against their sha256 first
                             "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheels)], check=True)
         with zipfile.ZipFile(files[manifest["rest"]]) as z:  # a wheel is a zip of site-packages
             z.extractall(site)
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--store", default=str(STORE), help=f"default: {STORE}")
     a = sub.add_parser("assemble", help="there: join, check and install into --site")
     a.add_argument("--store", default=str(STORE), help=f"default: {STORE}")
-    a.add_argument("--site", default="/tmp/site", help="default: /tmp/site")
+    a.add_argument("--site", default="/tmp/site", help="default: /tmp/site")  # nosec B108  # the GPU machine's scratch folder (see STORE)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "prepare":

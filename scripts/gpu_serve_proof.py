@@ -26,7 +26,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
+import subprocess  # nosec B404  # runs pytest and the benchmark, fixed argument lists, never a shell
 import sys
 import threading
 import time
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary["gpu"] = torch.cuda.get_device_name(0)
             except Exception as e:  # noqa: BLE001 - the name is a label, not a check
                 summary["gpu"] = f"unknown ({e})"
-            t = subprocess.run([sys.executable, "-m", "pytest", "tests/test_gpu.py", "-m", "cuda_ort", "-q",
+            t = subprocess.run([sys.executable, "-m", "pytest", "tests/test_gpu.py", "-m", "cuda_ort", "-q",  # nosec B603  # pytest under this interpreter, fixed arguments
                                 "-p", "no:cacheprovider", "-o", "addopts=-ra"], cwd=ROOT, capture_output=True, text=True,
                                env={**os.environ, "NIN_EXPECT_GPU": "1"}, timeout=300)
             log(out, t.stdout[-3000:] + t.stderr[-2000:])
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             summary["cudnn_conv_algo_search"] = algo_search(SHIPPED / "model.onnx", x, [1, 16, 64, 256], 10)
             log(out, f"cudnn_conv_algo_search: {json.dumps(summary['cudnn_conv_algo_search'])}")
         if not args.dry_run and not args.skip_bench:
-            b = subprocess.run([sys.executable, "-m", "bench", "--variants", "fp32,fp16", "--provider", "cuda",
+            b = subprocess.run([sys.executable, "-m", "bench", "--variants", "fp32,fp16", "--provider", "cuda",  # nosec B603  # the benchmark under this interpreter, fixed arguments
                                 "--servers", "service", "--python-concurrency", "1,16,64,256", "--native-concurrency", "",
                                 "--duration", "8", "--out", str(out)]
                                + (["--data-dir", args.data_dir] if args.data_dir else []),

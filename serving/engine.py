@@ -131,7 +131,7 @@ class GpuMemory:
             try:
                 self._sample()
             except Exception:  # noqa: BLE001 - a failed sample leaves the last figure standing
-                pass
+                log.debug("GPU memory sample failed", exc_info=True)
 
     def used_mb(self) -> float | None:
         return None if self._latest is None else round(self._latest, 1)
@@ -190,6 +190,7 @@ class Engine:
 
     def _open_session(self) -> tuple[ort.InferenceSession, str]:
         s = self.settings
+        ort.disable_telemetry_events()  # the service sends nothing anywhere (deploy: egress denied)
         cuda = self._wants_cuda()
         if cuda and hasattr(ort, "preload_dlls"):
             try:  # CUDA/cuDNN from the nvidia-* pip wheels, when they are installed

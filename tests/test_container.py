@@ -16,6 +16,10 @@ from serving.model_files import SHIPPED_TAG
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "container.sh"
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# As deploy/k8s runs it: a read-only root filesystem with the two emptyDirs as tmpfs, every
+# capability dropped, no privilege gain.
+LOCKED_DOWN = ["--read-only", "--tmpfs", "/tmp", "--tmpfs", "/var/lib/bentoml:uid=10034,gid=10034",
+               "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +39,7 @@ def image():
 
 def test_container_serves_real_predictions(image):
     port = free_port()
-    cid = subprocess.run(["docker", "run", "-d", "-p", f"127.0.0.1:{port}:3000", image],
+    cid = subprocess.run(["docker", "run", "-d", *LOCKED_DOWN, "-p", f"127.0.0.1:{port}:3000", image],
                          capture_output=True, text=True, check=True).stdout.strip()
     try:
         url = f"http://127.0.0.1:{port}"
@@ -74,17 +78,27 @@ def test_container_runs_as_non_root_with_a_read_only_model_and_drains_on_docker_
     port = free_port()
     # --network none for the serving side is impossible with a published port; the image's
     # offline start is what the first test proves (nothing downloads at run time)
-    cid = subprocess.run(["docker", "run", "-d", "-e", "NIN_MAX_QUEUE=10000", "-p", f"127.0.0.1:{port}:3000", image],
+    cid = subprocess.run(["docker", "run", "-d", *LOCKED_DOWN, "-e", "NIN_MAX_QUEUE=10000", "-p", f"127.0.0.1:{port}:3000", image],
                          capture_output=True, text=True, check=True).stdout.strip()
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, timeout=180)
         uid = subprocess.run(["docker", "exec", cid, "id", "-u"], capture_output=True, text=True, check=True).stdout.strip()
-        assert uid != "0" and int(uid) > 0
+        assert int(uid) == 10034  # deploy/k8s's runAsUser, above the host's range
+        caps = subprocess.run(["docker", "exec", cid, "grep", "CapEff", "/proc/1/status"], capture_output=True,
+                              text=True, check=True).stdout.split()
+        assert int(caps[1], 16) == 0, caps
+        ro = subprocess.run(["docker", "exec", cid, "touch", "/home/bentoml/x"], capture_output=True, text=True)
+        assert ro.returncode != 0 and "Read-only file system" in ro.stderr
+        # the image's HEALTHCHECK, run by hand (docker runs it every 15 s)
+        check = json.loads(subprocess.run(["docker", "inspect", "-f", "{{json .Config.Healthcheck.Test}}", cid],
+                                          capture_output=True, text=True, check=True).stdout)
+        assert check[0] == "CMD" and "/livez" in check[-1]
+        subprocess.run(["docker", "exec", cid, *check[1:]], check=True, timeout=30)
         model = httpx.get(f"{url}/model", timeout=10).json()["model_folder"]
         write = subprocess.run(["docker", "exec", cid, "sh", "-c", f"echo x >> {model}/model.int8.onnx"],
                                capture_output=True, text=True)
-        assert write.returncode != 0 and "Permission denied" in write.stderr
+        assert write.returncode != 0 and ("Permission denied" in write.stderr or "Read-only" in write.stderr)
         owner = subprocess.run(["docker", "exec", cid, "stat", "-c", "%U %A", f"{model}/model.int8.onnx"],
                                capture_output=True, text=True, check=True).stdout.split()
         assert owner[0] == "root" and "w" not in owner[1]

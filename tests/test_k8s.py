@@ -31,10 +31,60 @@ def test_manifest_validates_against_the_kubernetes_schema(path, doc):
     kubernetes_validate.validate(doc, KUBERNETES, strict=True)
 
 
-def test_kustomization_lists_the_cpu_manifests():
-    (_, kust), = by_kind("Kustomization")
-    assert all((K8S / r).is_file() for r in kust["resources"])
-    assert {"deployment.yaml", "service.yaml", "pdb.yaml", "hpa.yaml"} == set(kust["resources"])
+NAMESPACE = "nin-classifier"
+
+
+def test_kustomizations_put_each_variant_in_its_namespace_with_its_network_policy():
+    kusts = {p.parent: d for p, d in by_kind("Kustomization")}
+    assert set(kusts) == {Path("."), Path("common"), Path("gpu")}
+    assert kusts[Path(".")]["resources"] == ["common", "deployment.yaml", "service.yaml", "pdb.yaml", "hpa.yaml"]
+    assert kusts[Path("gpu")]["resources"] == ["../common", "deployment-gpu.yaml"]
+    assert kusts[Path("common")]["resources"] == ["namespace.yaml", "networkpolicy.yaml"]
+    for folder, kust in kusts.items():
+        assert all((K8S / folder / r).exists() for r in kust["resources"])
+        if folder != Path("common"):
+            assert kust["namespace"] == NAMESPACE
+    (_, ns), = by_kind("Namespace")
+    assert ns["metadata"]["name"] == NAMESPACE and ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    # every namespaced manifest names it too: `kubectl apply -f` and checkov's raw scan see it
+    for path, d in documents():
+        if d["kind"] not in ("Kustomization", "Namespace", "ConfigMap"):
+            assert d["metadata"].get("namespace") == NAMESPACE, path
+
+
+def test_the_network_policy_admits_only_the_ingress_controller_and_prometheus_and_no_egress():
+    (_, pol), = by_kind("NetworkPolicy")
+    spec = pol["spec"]
+    pods = [d["spec"]["template"]["metadata"]["labels"] for _, d in by_kind("Deployment")]
+    assert all(spec["podSelector"]["matchLabels"].items() <= labels.items() for labels in pods)  # CPU and GPU
+    assert spec["policyTypes"] == ["Ingress", "Egress"] and spec["egress"] == []
+    (rule,) = spec["ingress"]
+    assert rule["ports"] == [{"port": 3000, "protocol": "TCP"}]
+    sources = {f["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for f in rule["from"]}
+    assert sources == {"ingress-nginx", "monitoring"} and all(set(f) == {"namespaceSelector"} for f in rule["from"])
+    (_, adapter), = by_kind("ConfigMap")
+    assert adapter["metadata"]["namespace"] == "monitoring"  # where the policy expects Prometheus
+
+
+def test_pods_are_locked_down_with_writable_mounts_only_where_bentoml_writes():
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert "ENV BENTOML_HOME=/var/lib/bentoml/" in dockerfile
+    for path, d in by_kind("Deployment"):
+        pod, c = d["spec"]["template"]["spec"], container(d)
+        assert pod["automountServiceAccountToken"] is False, path
+        assert pod["securityContext"]["runAsUser"] >= 10000 and pod["securityContext"]["runAsGroup"] >= 10000
+        assert c["securityContext"] == {"allowPrivilegeEscalation": False, "privileged": False,
+                                        "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True}, path
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        writable = {m for m, v in mounts.items() if not v.get("readOnly")}
+        assert writable == {"/tmp", "/var/lib/bentoml"}, path  # tests/test_container.py runs the image so
+        assert all("emptyDir" in volumes[mounts[m]["name"]] for m in writable)
+        keys = volumes[mounts["/var/run/secrets/nin"]["name"]]["secret"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert keys["secretName"] == "nin-api-keys" and env["NIN_API_KEYS_FILE"] == "/var/run/secrets/nin/keys"
+    script = (ROOT / "scripts" / "container.sh").read_text()
+    assert "BENTO_USER_UID=10034" in script and "runAsUser: 10034" in (K8S / "deployment.yaml").read_text()
 
 
 def container(doc) -> dict:
@@ -120,11 +170,22 @@ def test_the_ingress_reaches_the_service_and_buffers_whole_bodies_up_to_the_serv
     HTML 413; the service takes up to NIN_MAX_BYTES and buffering keeps slow uploads in nginx."""
     from serving.engine import Settings
 
+    from serving.service import app
+
     (path, ing), = by_kind("Ingress")
     assert path.parts[0] == "ingress" and "ingress" not in str(yaml.safe_load((K8S / "kustomization.yaml").read_text()))
     (_, svc), = [(p, d) for p, d in by_kind("Service") if d["metadata"]["name"] == "nin-fashion-mnist"]
-    backend = ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
-    assert backend["name"] == svc["metadata"]["name"] and backend["port"]["name"] in {p["name"] for p in svc["spec"]["ports"]}
+    paths = ing["spec"]["rules"][0]["http"]["paths"]
+    for p in paths:
+        backend = p["backend"]["service"]
+        assert backend["name"] == svc["metadata"]["name"] and backend["port"]["name"] in {p["name"] for p in svc["spec"]["ports"]}
+    # the API, the page and the docs reach the public; /metrics and the probes stay inside
+    routed = {p["path"] for p in paths}
+    api = set(app.openapi()["paths"]) | {"/api/classify", "/api/classify_batch"}
+    for route in api:
+        assert any(route == r or route.startswith(r.rstrip("/") + "/") for r in routed if r != "/"), route
+    for inside in ("/metrics", "/livez", "/readyz", "/schema.json"):
+        assert not any(inside == r or inside.startswith(r + "/") for r in routed), inside
     notes = ing["metadata"]["annotations"]
     assert notes["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "on"
     size = re.fullmatch(r"(\d+)m", notes["nginx.ingress.kubernetes.io/proxy-body-size"])
