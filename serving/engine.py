@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from serving import model_files
 from serving.admission import bound_from_budget
-from serving.procfs import PeakRss
+from serving.procfs import PeakRss, available_cores
 from serving.model_files import ModelLoadError
 
 log = logging.getLogger("serving")
@@ -34,13 +34,17 @@ class Settings:
     variant: str = "auto"  # auto | fp32 | int8 | fp16
     max_batch_size: int = 16
     max_wait_ms: float = 0.0
-    threads: int = 0  # intra-op threads of the latency lane's session; 0 = one per core
-    # Whether the latency lane's idle intra-op threads spin (onnxruntime's default) or sleep. It
-    # runs only when nothing else does, so spinning costs the HTTP side little; sleeping threads
-    # pay a wake-up per layer.
+    # BentoML worker processes (NIN_WORKERS, default: one per available core). Each runs its own
+    # HTTP side, decoding and sessions; one process cannot use more than about one core for them.
+    workers: int = 1
+    threads: int = 0  # intra-op threads of the latency lane's session; 0 = one per available core
+    # Whether the latency lane's idle intra-op threads spin (onnxruntime's default) or sleep.
+    # With one worker it runs only when nothing else does, so spinning costs the HTTP side
+    # little; with several, one worker's spinning threads would take another's core: off.
     spinning: bool = True
     # Throughput lanes: single-threaded sessions that run batches side by side under load;
-    # -1 = one per core on the CPU (none with one core, none on a GPU), 0 = off.
+    # -1 = one per core on the CPU with one worker (none with one core, several workers, or a
+    # GPU), 0 = off.
     lanes: int = -1
     max_bytes: int = 10 * 2**20
     max_pixels: int = 4096 * 4096
@@ -58,12 +62,14 @@ class Settings:
     def from_env(cls) -> "Settings":
         e = os.environ.get
         try:
+            workers = worker_count(e("NIN_WORKERS", "auto"))
             settings = cls(
                 model=e("NIN_MODEL") or None, device=e("NIN_DEVICE", "auto"),
                 require_gpu=e("NIN_REQUIRE_GPU", "0").lower() in ("1", "true", "yes"),
                 variant=e("NIN_VARIANT", "auto"), max_batch_size=int(e("NIN_MAX_BATCH_SIZE", "16")),
-                max_wait_ms=float(e("NIN_MAX_WAIT_MS", "0")), threads=int(e("NIN_THREADS", "0")),
-                spinning=e("NIN_ORT_SPINNING", "1").lower() in ("1", "true", "yes"), lanes=int(e("NIN_LANES", "-1")),
+                max_wait_ms=float(e("NIN_MAX_WAIT_MS", "0")), workers=workers, threads=int(e("NIN_THREADS", "0")),
+                spinning=e("NIN_ORT_SPINNING", "1" if workers == 1 else "0").lower() in ("1", "true", "yes"),
+                lanes=int(e("NIN_LANES", "-1")),
                 max_bytes=int(e("NIN_MAX_BYTES", str(10 * 2**20))), max_pixels=int(e("NIN_MAX_PIXELS", str(4096 * 4096))),
                 max_batch_images=int(e("NIN_MAX_BATCH_IMAGES", "64")),
                 latency_budget_ms=float(e("NIN_LATENCY_BUDGET_MS", "500")), max_queue=int(e("NIN_MAX_QUEUE", "0")),
@@ -82,6 +88,14 @@ class Settings:
         if settings.device not in ("auto", "cuda", "cpu"):
             raise ModelLoadError(f"NIN_DEVICE must be auto, cuda or cpu, got {settings.device!r}")
         return settings
+
+
+def worker_count(raw: str) -> int:
+    """NIN_WORKERS: `auto` (one per available core: serving/procfs.py) or a count from 1."""
+    n = available_cores() if raw.strip().lower() in ("", "auto") else int(raw)
+    if n < 1:
+        raise ValueError(f"NIN_WORKERS must be auto or at least 1, got {raw!r}")
+    return n
 
 
 @functools.cache
@@ -166,6 +180,7 @@ class Engine:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.pid = os.getpid()  # the worker answers say which process they come from
         self.folder = model_files.resolve(settings.model)
         self.card = model_files.load_card(self.folder)
         self.contract = self.card["input_contract"]
@@ -215,9 +230,8 @@ class Engine:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        threads = self.settings.threads if threads is None else threads
-        if threads:
-            opts.intra_op_num_threads = threads
+        # explicit, since onnxruntime's default is the node's physical cores, not the container's share
+        opts.intra_op_num_threads = threads or self.settings.threads or available_cores()
         if not self.settings.spinning:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ([("CUDAExecutionProvider", CUDA_OPTIONS)] if cuda else []) + ["CPUExecutionProvider"]
@@ -233,8 +247,8 @@ class Engine:
         if self.provider != "CPUExecutionProvider" or n == 0:
             return []
         if n == -1:
-            n = os.cpu_count() or 1
-            if n < 2:
+            n = available_cores()
+            if n < 2 or self.settings.workers > 1:
                 return []
         return [self._session(False, threads=1)[0] for _ in range(n)]
 
@@ -319,8 +333,9 @@ class Engine:
             "gpu_memory_mb": {"used": self.gpu.used_mb(), "peak": self.gpu.peak_mb()} if self.gpu else None,
             "input_contract": self.contract,
             "class_names": self.class_names,
+            "workers": self.settings.workers,
             "batching": {"max_batch_size": self.settings.max_batch_size, "max_wait_ms": self.settings.max_wait_ms,
-                         "throughput_lanes": len(self.lane_sessions), "latency_lane_threads": self.settings.threads or os.cpu_count(),
+                         "throughput_lanes": len(self.lane_sessions), "latency_lane_threads": self.settings.threads or available_cores(),
                          "latency_lane_spinning": self.settings.spinning},
             "limits": {"max_bytes": self.settings.max_bytes, "max_pixels": self.settings.max_pixels,
                        "max_batch_images": self.settings.max_batch_images,

@@ -34,10 +34,14 @@ INFERENCE = Histogram("nin_inference_seconds", "onnxruntime run time of one batc
 BATCH = Histogram("nin_batch_size", "images per onnxruntime run", buckets=(1, 2, 4, 8, 16, 32, 64))
 QUEUE = Histogram("nin_queue_seconds", "time a request waited for its batch to start",
                   buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1))
-PEAK_RSS = Gauge("nin_peak_rss_bytes", "peak resident set size of the worker during the last batch")
+# With several workers (BentoML's multiprocess directory) /metrics shows the peak per live worker
+# (a `pid` label) and the images in service summed over them.
+PEAK_RSS = Gauge("nin_peak_rss_bytes", "peak resident set size of the worker during the last batch",
+                 multiprocess_mode="liveall")
 REJECTED = Counter("nin_rejected_requests_total", "requests answered with a 4xx", ["reason"])
 OVERLOADED = Counter("nin_overload_rejections_total", "requests refused with 503: the service held its bound of images")
-IN_SYSTEM = Gauge("nin_images_in_service", "images admitted and not yet answered (the queue the bound limits)")
+IN_SYSTEM = Gauge("nin_images_in_service", "images admitted and not yet answered (the queue the bound limits)",
+                  multiprocess_mode="livesum")
 RAW_TYPES = ("image/", "application/octet-stream")
 
 
@@ -302,7 +306,7 @@ async def infer(state: ServiceState, single: bool, k: int, decoded: list, t: dic
     }
     timing["total"] = (time.perf_counter() - t["t0"]) * 1000
     timing = {name: round(v, 3) for name, v in timing.items()}
-    memory = {"peak_rss_mb": max(p.info["peak_rss_mb"] for p in parts)}
+    memory = {"peak_rss_mb": max(p.info["peak_rss_mb"] for p in parts), "pid": engine.pid}
     if engine.gpu is not None:
         memory["gpu_mb"] = parts[-1].info.get("gpu_mb")
     results = [{**p, "input": d.describe()} for p, d in zip(preds, decoded)]

@@ -58,3 +58,17 @@ class PeakRss:
             if fd is not None:
                 os.close(fd)
         self._status = self._clear = None
+
+
+def available_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a
+    container's `--cpus`, a pod's CPU limit), rounded up. os.cpu_count() is the node's count: 64
+    on a 64-core node whatever the pod's limit."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open(cpu_max).read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)

@@ -47,8 +47,9 @@ class Timing(Strict):
 
 
 class Memory(Strict):
-    peak_rss_mb: float = Field(description="peak resident set size of the worker during this request's batch")
-    gpu_mb: Optional[float] = Field(default=None, description="GPU memory in use (CUDA provider only)")
+    peak_rss_mb: float = Field(description="peak resident set size of the worker process during this request's batch")
+    pid: int = Field(description="the worker process that answered (one of NIN_WORKERS)")
+    gpu_mb: Optional[float] = Field(default=None, description="GPU memory this worker process uses (CUDA provider only)")
 
 
 class ModelRef(Strict):
@@ -95,6 +96,8 @@ class ModelInfo(BaseModel):
     model_folder: str
     variant: str
     provider: str
+    pid: int = Field(description="the worker process that answered")
+    workers: int = Field(description="BentoML worker processes serving (NIN_WORKERS); each answers with its own pid")
     input_contract: dict
     class_names: list[str]
     batching: dict

@@ -7,10 +7,13 @@ Routes and settings: docs/serving.md. Importing this module defines things and s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,7 +24,7 @@ from starlette.responses import JSONResponse
 
 from serving import auth, http, imaging, model_files
 from serving.drain import Drain, exit_with_parent
-from serving.engine import Engine, Settings, check_gpu_requirement
+from serving.engine import Engine, Settings, check_gpu_requirement, worker_count
 from serving.model_files import ModelLoadError
 from serving.schemas import (SHOW_INPUT_PARAM, TOP_K_PARAM, BatchClassification, Classification, ModelInfo,
                              error_responses, image_request_body)
@@ -53,6 +56,31 @@ def image() -> bentoml.images.Image:
     return img
 
 
+def workers() -> int:
+    """BentoML workers: NIN_WORKERS (default: one per available core; docs/decisions.md). A bad
+    value is reported in one line by check_before_serving."""
+    try:
+        return worker_count(os.environ.get("NIN_WORKERS", "auto"))
+    except ValueError:
+        return 1
+
+
+def ready_dir(arbiter_pid: int) -> Path:
+    """Where each worker of one `bentoml serve` marks itself warm: /readyz says ready only once
+    every worker can answer, whichever worker the probe reaches."""
+    return Path(tempfile.gettempdir()) / f"nin-ready-{arbiter_pid}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def in_bentoml_worker() -> bool:
     """Whether this process is a worker `bentoml serve` started (not a test building the class)."""
     from bentoml._internal.context import server_context
@@ -64,7 +92,7 @@ app = http.make_app()  # the page's routes; the classify routes are this class's
 DIRECT = dict(response_model=None, response_class=JSONResponse, tags=["Classify (curl, browsers)"])
 
 
-@bentoml.service(name="nin-fashion-mnist", image=image(), workers=1, traffic={"timeout": 30, "max_concurrency": 512},
+@bentoml.service(name="nin-fashion-mnist", image=image(), workers=workers(), traffic={"timeout": 30, "max_concurrency": 512},
                  **bentoml_config())
 @bentoml.asgi_app(app, path="/")
 class NiNClassifier:
@@ -91,6 +119,9 @@ class NiNClassifier:
                 model_files.verified_file(folder, card, variant)
         except ModelLoadError as e:
             raise SystemExit(f"error: cannot serve: {e}") from None
+        marks = ready_dir(os.getpid())  # this process is the arbiter, the workers' parent
+        shutil.rmtree(marks, ignore_errors=True)
+        marks.mkdir(parents=True)
         if keys:
             log.info("every route but the probes, docs and page needs one of %d API keys%s", keys.count,
                      " (/metrics too)" if keys.metrics else "")
@@ -105,6 +136,12 @@ class NiNClassifier:
         self.drain = Drain(settings.drain_s, settings.shutdown_timeout_s)
         if self.drain.install() and in_bentoml_worker():  # drain on SIGTERM, in the worker ...
             exit_with_parent()  # ... including the one Linux sends when the arbiter dies
+        # several workers: ready once every one is warm (their marks in ready_dir)
+        n = settings.workers
+        self.marks = ready_dir(os.getppid()) if n > 1 and in_bentoml_worker() else None
+        if self.marks is not None:
+            self.marks.mkdir(parents=True, exist_ok=True)
+        self.all_warm = n == 1 or self.marks is None
         # warm up off the start-up path: /livez answers at once, /readyz once this is done
         self.warmed = threading.Event()
         threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
@@ -119,14 +156,24 @@ class NiNClassifier:
         gc.freeze()
         self.state.arm_admission()  # the classify routes answer from here on (503 not_ready before)
         self.warmed.set()
+        if self.marks is not None:
+            (self.marks / str(os.getpid())).touch()
 
     @bentoml.on_shutdown
     def stop_lanes(self) -> None:
         """After uvicorn's graceful shutdown has answered what was in flight."""
         self.state.close()
+        if self.marks is not None:
+            (self.marks / str(os.getpid())).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the last worker out removes the folder
+                self.marks.rmdir()
 
     def __is_ready__(self) -> bool:
-        return self.warmed.is_set() and not self.drain.draining.is_set()
+        if not self.warmed.is_set() or self.drain.draining.is_set():
+            return False
+        if not self.all_warm:  # the marks of live workers (a crashed one's stays behind)
+            self.all_warm = sum(pid_alive(int(m.name)) for m in self.marks.iterdir()) >= self.engine.settings.workers
+        return self.all_warm
 
     # For curl and browsers: multipart or a raw body, the byte cap while reading, a 4xx JSON for
     # every bad upload. http.Edge calls these methods directly, past BentoML's inner layers

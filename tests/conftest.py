@@ -155,12 +155,12 @@ MAX_BYTES = 2 * 2**20  # the byte cap of the shared real server
 
 @pytest.fixture(scope="session")
 def server_proc(served_model):
-    """One real `bentoml serve` in a subprocess on a free port, shared by the modules that
-    need a server (tests/test_http_server.py, tests/test_browser.py)."""
+    """One real `bentoml serve` (two workers) in a subprocess on a free port, shared by the
+    modules that need a server (tests/test_http_server.py, tests/test_browser.py)."""
     from bench.servers import free_port, start_server, stop_server, wait_ready
 
     port = free_port()
-    proc = start_server(served_model, port, {"NIN_MAX_BYTES": str(MAX_BYTES)})
+    proc = start_server(served_model, port, {"NIN_MAX_BYTES": str(MAX_BYTES), "NIN_WORKERS": "2"})
     proc.url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc.url, proc)

@@ -31,7 +31,8 @@ def test_start_up_says_in_one_plain_line_what_serves_where(server_proc):
     out = server_output(server_proc, 20000)
     info = httpx.get(f"{server_proc.url}/model", timeout=10).json()
     line = f"serving {info['variant']} variant ({VARIANT_FILES[info['variant']]}) on {info['provider']}"
-    assert line in out and out.count("serving ") == 1, out  # CPU here: "serving int8 variant (model.int8.onnx) on CPU..."
+    # one line per worker; CPU here: "serving int8 variant (model.int8.onnx) on CPUExecutionProvider"
+    assert line in out and out.count("serving ") == info["workers"] == out.count(line), out
     assert "libcuda" not in out and "Failed to load" not in out, out
 
 
@@ -372,3 +373,34 @@ def test_nin_model_may_name_a_bentoml_model_tag(served_model, tmp_path):
         assert httpx.post(f"{url}/classify", content=png, headers={"Content-Type": "image/png"}, timeout=30).status_code == 200
     finally:
         stop_server(proc)
+
+
+def metric(text: str, prefix: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_two_workers_both_answer_and_metrics_add_them_up(server):
+    """The shared server runs NIN_WORKERS=2: fresh connections reach both processes; /metrics
+    (BentoML's multiprocess directory) counts every request, whichever worker took it, and shows
+    each worker's peak RSS; /model and every answer name the process."""
+    info = httpx.get(f"{server}/model", timeout=10).json()
+    assert info["workers"] == 2 and info["batching"]["throughput_lanes"] == 0
+    assert info["batching"]["latency_lane_spinning"] is False  # one worker's spinning threads would take the other's core
+    png = png_bytes(Image.fromarray(np.zeros((224, 224), np.uint8)))
+    ok = 'bentoml_service_request_total{endpoint="/classify",http_response_code="200"'
+    before = httpx.get(f"{server}/metrics", timeout=10).text
+    n, pids = 48, []
+
+    def one(_):
+        r = httpx.post(f"{server}/classify", content=png, headers={"Content-Type": "image/png"}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["memory"]["pid"]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # a new connection per request
+        pids = list(pool.map(one, range(n)))
+    assert len(set(pids)) == 2, pids
+    after = httpx.get(f"{server}/metrics", timeout=10).text
+    assert metric(after, ok) - metric(before, ok) == n
+    assert metric(after, "nin_batch_size_count") - metric(before, "nin_batch_size_count") == n  # one batch each here
+    rss = {line.split('pid="')[1].split('"')[0] for line in after.splitlines() if line.startswith("nin_peak_rss_bytes{")}
+    assert {str(p) for p in pids} <= rss, rss

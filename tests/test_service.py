@@ -387,3 +387,53 @@ def test_queue_time_is_a_metric(client):
     for _ in range(3):
         assert client.post("/classify", content=image_png(), headers={"Content-Type": "image/png"}).status_code == 200
     assert count() == before + 3
+
+
+def test_several_workers_are_ready_only_once_every_live_one_is_warm(service_cls, tmp_path):
+    """/readyz reaches one worker of several; each says ready only when every worker's mark is
+    there (service.ready_dir), counting live processes only (a crashed worker's mark stays)."""
+    import os
+    import threading
+
+    warmed = threading.Event()
+    warmed.set()
+    fake = SimpleNamespace(warmed=warmed, drain=SimpleNamespace(draining=threading.Event()), all_warm=False,
+                           marks=tmp_path, engine=SimpleNamespace(settings=SimpleNamespace(workers=2)))
+    is_ready = MethodType(service_cls.inner.__is_ready__, fake)
+    (tmp_path / str(os.getpid())).touch()
+    assert not is_ready()
+    (tmp_path / "4194303").touch()  # above the kernel's pid_max: never a live process
+    assert not is_ready()
+    (tmp_path / str(os.getppid())).touch()
+    assert is_ready() and fake.all_warm
+    fake.drain.draining.set()
+    assert not is_ready()
+
+
+def test_workers_setting(monkeypatch):
+    from serving.engine import worker_count
+    from serving.procfs import available_cores
+
+    assert worker_count("auto") == worker_count("") == available_cores() >= 1
+    assert worker_count("3") == 3
+    with pytest.raises(ValueError):
+        worker_count("0")
+    monkeypatch.setenv("NIN_WORKERS", "two")
+    with pytest.raises(ModelLoadError, match=r"bad NIN_\* setting"):
+        Settings.from_env()
+    monkeypatch.setenv("NIN_WORKERS", "2")
+    s = Settings.from_env()
+    assert s.workers == 2 and s.spinning is False  # several workers: no spinning by default
+    monkeypatch.setenv("NIN_WORKERS", "1")
+    assert Settings.from_env().spinning is True
+
+
+def test_available_cores_follows_a_cgroup_quota(tmp_path):
+    from serving.procfs import available_cores
+
+    cpu_max = tmp_path / "cpu.max"
+    affinity = available_cores(str(tmp_path / "none"))
+    cpu_max.write_text("150000 100000\n")  # --cpus 1.5
+    assert available_cores(str(cpu_max)) == min(affinity, 2)
+    cpu_max.write_text("max 100000\n")
+    assert available_cores(str(cpu_max)) == affinity
