@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,9 +29,14 @@ from training.runtime import hardware_name
 
 PY = sys.executable
 SERVE = [PY, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", "{port}"]
-# name -> (command, extra environment, path, multipart field, readiness path)
-ARMS: dict[str, tuple[list[str], dict, str, str, str]] = {
+# name -> (command, extra environment, path, multipart field, readiness path[, images per request])
+ARMS: dict[str, tuple] = {
     "service": (SERVE + ["bench.arms:svc"], {"NIN_AB_ARM": "service"}, "/classify", "image", "/readyz"),
+    **{f"workers-{n}": (SERVE + ["bench.arms:svc"], {"NIN_AB_ARM": "service", "NIN_WORKERS": str(n)}, "/classify", "image",
+                        "/readyz") for n in (1, 2, 4)},
+    "batch16": (SERVE + ["bench.arms:svc"], {"NIN_AB_ARM": "service"}, "/classify_batch", "images", "/readyz", 16),
+    "workers-1-batch16": (SERVE + ["bench.arms:svc"], {"NIN_AB_ARM": "service", "NIN_WORKERS": "1"}, "/classify_batch",
+                          "images", "/readyz", 16),
     "fastapi-routes": (SERVE + ["bench.arms:svc"], {"NIN_AB_ARM": "fastapi-routes"}, "/classify", "image", "/readyz"),
     "max-concurrency": (SERVE + ["bench.arms:svc"], {"NIN_AB_ARM": "max-concurrency", "NIN_MAX_QUEUE": "100000"},
                         "/classify", "image", "/readyz"),
@@ -53,6 +59,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, from {', '.join(ARMS)} (default: the service and its peers)")
     p.add_argument("--variant", choices=["int8", "fp32"], default="int8", help="model variant every arm serves (default: int8)")
     p.add_argument("--model", default=str(ROOT / "models" / "nin-fashion-mnist"), help="exported model folder")
+    p.add_argument("--null-model", action="store_true",
+                   help="serve a near-free model of the same contract instead (bench/null_model.py): the serving cost alone")
     p.add_argument("--levels", default="1,16", help="concurrency levels (default: 1,16)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, the arms' order rotating each round (default: 3)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per arm, level and round (default: 5)")
@@ -61,17 +69,19 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def start(name: str, model: str, variant: str):
-    cmd, env, path, field, ready = ARMS[name]
+    cmd, env, path, field, ready, *images = ARMS[name]
     port = free_port()
     proc = _spawn([c.replace("{port}", str(port)) for c in cmd],
                   {"NIN_MODEL": model, "NIN_VARIANT": variant, "NIN_REF_MODEL": model, "NIN_REF_VARIANT": variant, **env},
                   quiet=True)
     proc.url, proc.path, proc.field, proc.ready = f"http://127.0.0.1:{port}", path, field, ready
+    proc.images = images[0] if images else 1
     return proc
 
 
 def median_level(runs: list[dict]) -> dict:
-    keys = ("p50", "p90", "p99", "mean", "throughput_img_s", "rejected_share", "server_cpu_ms_per_answer")
+    keys = ("p50", "p90", "p99", "mean", "throughput_img_s", "rejected_share", "server_cpu_ms_per_answer",
+            "server_cpu_ms_per_image")
     out = {k: round(statistics.median(r[k] for r in runs if r.get(k) is not None), 3)
            for k in keys if any(r.get(k) is not None for r in runs)}
     out["rounds"] = [{k: r.get(k) for k in keys} for r in runs]
@@ -83,7 +93,8 @@ def median_level(runs: list[dict]) -> dict:
 def markdown(result: dict) -> str:
     levels = result["levels"]
     head = "| arm | " + " | ".join(f"c={c} p50 ms | c={c} img/s | c={c} p99 ms" for c in levels) + " |"
-    lines = [f"# A/B: {result['variant']}, {result['hardware']}", "",
+    lines = [f"# A/B: {result['variant']}{' (null model: serving cost alone)' if result.get('null_model') else ''}, "
+             f"{result['hardware']}", "",
              f"{result['rounds']} rounds of {result['duration_s']:g} s per arm and level, order rotating; medians "
              "over rounds (wrk, one thread, keep-alive).", "", head, "|---|" + "---|---|---|" * len(levels)]
     for arm, by_level in result["arms"].items():
@@ -94,6 +105,10 @@ def markdown(result: dict) -> str:
             failed = f" [{r['errors']} failed: {', '.join(r['error_kinds'])}]" if r["errors"] else ""
             cells.append(f"{r['p50']} | {r['throughput_img_s']}{refused}{failed} | {r['p99']}")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "Server CPU per image (core-ms: user + system time of the server's processes over the level, per image "
+              "answered):", "", "| arm | " + " | ".join(f"c={c}" for c in levels) + " |", "|---|" + "---|" * len(levels)]
+    for arm, by_level in result["arms"].items():
+        lines.append(f"| {arm} | " + " | ".join(str(by_level[str(c)].get("server_cpu_ms_per_image", "–")) for c in levels) + " |")
     ip = result.get("in_process")
     if ip:
         lines += ["", f"In process, no server (onnxruntime's defaults, the same image): batch 1 {ip['batch1_ms']} ms; "
@@ -117,13 +132,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     png = real_test_pngs(1)[0][0]
     procs = {}
+    if args.null_model:
+        from bench.null_model import make_null_model
+
+        args.model = str(make_null_model(tempfile.mkdtemp(prefix="nin-null-"), args.model))
     try:
         for name in arms:
             procs[name] = start(name, args.model, args.variant)
         for proc in procs.values():
             wait_ready(proc.url, proc, timeout=240, path=proc.ready)
         for proc in procs.values():  # one short pass each: first-request costs out of the rounds
-            wrk_level(proc.url, png, 1, 1, path=proc.path, field=proc.field)
+            wrk_level(proc.url, png, 1, 1, path=proc.path, field=proc.field, images=proc.images)
         runs: dict[str, dict[int, list]] = {a: {c: [] for c in levels} for a in arms}
         for rnd in range(args.rounds):
             order = arms[rnd % len(arms):] + arms[: rnd % len(arms)]
@@ -131,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                 for name in order:
                     proc = procs[name]
                     meter = CpuMeter(proc.pid)
-                    level = meter.add_to(wrk_level(proc.url, png, c, args.duration, path=proc.path, field=proc.field))
+                    level = meter.add_to(wrk_level(proc.url, png, c, args.duration, path=proc.path, field=proc.field,
+                                                   images=proc.images))
+                    per = level.get("server_cpu_ms_per_answer")
+                    level["server_cpu_ms_per_image"] = round(per / proc.images, 3) if per is not None else None
                     runs[name][c].append(level)
                     print(f"round {rnd + 1} c={c} {name}: p50 {level['p50']} ms, {level['throughput_img_s']} img/s, "
                           f"{level['rejected_share']:.0%} 503, {level['errors'] - level['rejected_503']} failed", flush=True)
@@ -139,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for proc in procs.values():
             stop_server(proc)
-    result = {"variant": args.variant, "hardware": hardware_name_cpu(), "rounds": args.rounds, "duration_s": args.duration,
+    result = {"variant": args.variant, "null_model": args.null_model, "hardware": hardware_name_cpu(), "rounds": args.rounds,
+              "duration_s": args.duration,
               "levels": levels, "arms": {a: {str(c): median_level(runs[a][c]) for c in levels} for a in arms},
               "in_process": in_process(Path(args.model), args.variant, png)}
     text = markdown(result)

@@ -23,10 +23,10 @@ def real_test_pngs(n: int, data_dir: str | None = None, compress_level: int = 6)
     return out, y[:n].numpy()
 
 
-def multipart_body(png: bytes, field: str = "image", filename: str = "image.png") -> tuple[bytes, str]:
-    """One multipart/form-data body with the PNG in `field`, and its Content-Type: what
-    `curl -F image=@x.png` sends, built once for the native load generator."""
+def multipart_body(png: bytes, field: str = "image", filename: str = "image.png", count: int = 1) -> tuple[bytes, str]:
+    """One multipart/form-data body with the PNG in `field` (`count` times), and its
+    Content-Type: what `curl -F image=@x.png` sends, built once for the native load generator."""
     boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
+    part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + png + b"\r\n"
+    return part * count + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"

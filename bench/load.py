@@ -269,13 +269,14 @@ def have_wrk() -> bool:
 
 
 def wrk_level(url: str, png: bytes, concurrency: int, duration: float, timeout_s: float = 10.0,
-              path: str = "/classify", field: str = "image") -> dict:
+              path: str = "/classify", field: str = "image", images: int = 1) -> dict:
     """wrk (one thread, `concurrency` keep-alive connections) posting one prebuilt multipart
-    body (the PNG in `field`) to `path` for `duration` seconds (whole seconds: wrk takes no fractions); after a 503 one request waits its Retry-After.
-    Latencies are over every answer, 503s included; the share of 503s is reported beside them."""
+    body (the PNG in `field`, `images` times) to `path` for `duration` seconds (whole seconds: wrk
+    takes no fractions); after a 503 one request waits its Retry-After. Latencies are over every
+    answer, 503s included; the share of 503s is reported beside them."""
     if not have_wrk():
         raise RuntimeError("wrk is not installed (apt-get install wrk)")
-    body, ctype = multipart_body(png, field)
+    body, ctype = multipart_body(png, field, count=images)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "body").write_bytes(body)
         (Path(tmp) / "post.lua").write_text(WRK_SCRIPT)
@@ -302,7 +303,7 @@ def wrk_level(url: str, png: bytes, concurrency: int, duration: float, timeout_s
         "client": "wrk", "requests": ok, "errors": other + rejected + socket_errors,
         "error_kinds": errors, "rejected_503": rejected,
         "rejected_share": round(rejected / w["requests"], 4) if w["requests"] else 0.0,
-        "seconds": round(seconds, 2), "throughput_img_s": round(ok / seconds, 1),
+        "seconds": round(seconds, 2), "throughput_img_s": round(ok * images / seconds, 1), "images_per_request": images,
         **{k: round(w[k], 2) for k in ("p50", "p90", "p95", "p99", "max", "mean")},
         "latency_over": "all answers", "client_cpu_cores": round(client_cores, 2),
     }

@@ -3,9 +3,11 @@
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import httpx
+import numpy as np
 import pytest
 
 from bench.load import CpuMeter, combine_rounds, error_kind, summarize
@@ -178,3 +180,43 @@ def test_ab_refuses_bad_arguments_in_one_line(capsys):
     assert main(["--levels", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: bad arguments") for line in err) and "nginx" in err[0]
+
+
+def test_null_model_has_the_contract_and_costs_next_to_nothing(tmp_path):
+    """bench/null_model.py: the service loads it like the shipped model (card checked, same input
+    and output), and it answers in a small fraction of the model's time."""
+    import dataclasses
+
+    from bench.null_model import make_null_model
+    from bench.servers import ROOT
+    from serving.engine import Engine, Settings
+
+    shipped = ROOT / "models" / "nin-fashion-mnist"
+    folder = make_null_model(tmp_path / "null", shipped)
+    real = Engine(dataclasses.replace(Settings(), model=str(shipped), variant="int8", lanes=0))
+    null = Engine(dataclasses.replace(Settings(), model=str(folder), variant="int8", lanes=0))
+    assert null.contract == real.contract and null.class_names == real.class_names
+    x = np.random.default_rng(0).random((3, 1, 224, 224), dtype=np.float32)
+    assert null.run(x)[0].shape == real.run(x)[0].shape == (3, 10)
+
+    def best_ms(engine):
+        times = []
+        for _ in range(20):
+            t = time.perf_counter()
+            engine.run(x[:1])
+            times.append(time.perf_counter() - t)
+        return min(times) * 1000
+
+    assert best_ms(null) < best_ms(real) / 5
+
+
+def test_ab_reports_server_cpu_per_image_for_batch_arms():
+    from bench.ab import ARMS, markdown, median_level
+
+    assert ARMS["batch16"][2] == "/classify_batch" and ARMS["batch16"][5] == 16
+    assert ARMS["workers-2"][1]["NIN_WORKERS"] == "2"
+    level = median_level([dict(p50=10.0, p90=11, p99=12, mean=10.0, throughput_img_s=1600.0, rejected_share=0.0,
+                               server_cpu_ms_per_answer=9.6, server_cpu_ms_per_image=0.6, errors=0, rejected_503=0)])
+    table = markdown({"variant": "int8", "null_model": True, "hardware": "2-core test CPU", "rounds": 1, "duration_s": 5,
+                      "levels": [16], "arms": {"batch16": {"16": level}}, "in_process": None})
+    assert "null model" in table and "| batch16 | 0.6 |" in table
