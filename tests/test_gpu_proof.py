@@ -59,7 +59,8 @@ def test_gpu_env_check_without_python_3_12_says_so_in_one_line(tmp_path):
 @pytest.mark.real_data
 def test_gpu_serve_proof_dry_run_on_the_cpu_provider(tmp_path):
     """Stage 4's measurements (agreement with the CPU provider, plain / IO-binding / uint8-input
-    runs, batches in flight) on the CPU provider with tiny sizes: the GPU run's code paths."""
+    runs, batches in flight, bentoml serve with several workers) on the CPU provider with tiny
+    sizes: the GPU run's code paths."""
     import sys
 
     out = tmp_path / "out"
@@ -73,6 +74,13 @@ def test_gpu_serve_proof_dry_run_on_the_cpu_provider(tmp_path):
     row = s["in_process"]["fp32"]["by_batch"]["2"]
     assert {"plain", "iobinding_on_device", "uint8_input"} <= set(row) and all(v["img_s"] > 0 for v in row.values())
     assert set(s["in_flight"]["img_s"]) == {"1 thread", "2 threads, 1 session", "4 threads, 1 session", "2 threads, 2 sessions"}
+    # the serving plan (1, 4, 16 workers there) with 1 and 2 workers here, through bentoml serve
+    assert set(s["serve_by_workers"]) == {"1", "2"}
+    for n, run in s["serve_by_workers"].items():
+        assert run["rc"] == 0, run
+        levels = run["levels"]["service-int8"]
+        assert set(levels) == {"1", "16"} and all(r["throughput_img_s"] > 0 for r in levels.values())
+        assert (out / f"workers-{n}" / "bench.json").is_file()
 
 
 def test_uint8_input_graph_gives_the_same_logits(tmp_path):
