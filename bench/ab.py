@@ -34,6 +34,8 @@ ARMS: dict[str, tuple] = {
     "service": (SERVE + ["bench.arms:svc"], {"NIN_AB_ARM": "service"}, "/classify", "image", "/readyz"),
     **{f"workers-{n}": (SERVE + ["bench.arms:svc"], {"NIN_AB_ARM": "service", "NIN_WORKERS": str(n)}, "/classify", "image",
                         "/readyz") for n in (1, 2, 4)},
+    "workers-2-threads-1": (SERVE + ["bench.arms:svc"], {"NIN_AB_ARM": "service", "NIN_WORKERS": "2", "NIN_THREADS": "1"},
+                            "/classify", "image", "/readyz"),
     "batch16": (SERVE + ["bench.arms:svc"], {"NIN_AB_ARM": "service"}, "/classify_batch", "images", "/readyz", 16),
     "workers-1-batch16": (SERVE + ["bench.arms:svc"], {"NIN_AB_ARM": "service", "NIN_WORKERS": "1"}, "/classify_batch",
                           "images", "/readyz", 16),

@@ -34,10 +34,11 @@ class Settings:
     variant: str = "auto"  # auto | fp32 | int8 | fp16
     max_batch_size: int = 16
     max_wait_ms: float = 0.0
-    # BentoML worker processes (NIN_WORKERS, default: one per available core). Each runs its own
-    # HTTP side, decoding and sessions; one process cannot use more than about one core for them.
+    # BentoML worker processes (NIN_WORKERS, default: one per two available cores). Each runs its
+    # own HTTP side, decoding and sessions; one process cannot use more than about one core for
+    # them (docs/decisions.md "Workers").
     workers: int = 1
-    threads: int = 0  # intra-op threads of the latency lane's session; 0 = one per available core
+    threads: int = 0  # intra-op threads of the latency lane's session; 0 = the worker's share of the cores
     # Whether the latency lane's idle intra-op threads spin (onnxruntime's default) or sleep.
     # With one worker it runs only when nothing else does, so spinning costs the HTTP side
     # little; with several, one worker's spinning threads would take another's core: off.
@@ -91,8 +92,9 @@ class Settings:
 
 
 def worker_count(raw: str) -> int:
-    """NIN_WORKERS: `auto` (one per available core: serving/procfs.py) or a count from 1."""
-    n = available_cores() if raw.strip().lower() in ("", "auto") else int(raw)
+    """NIN_WORKERS: `auto` (one per two available cores, serving/procfs.py; at least one) or a
+    count from 1."""
+    n = max(1, available_cores() // 2) if raw.strip().lower() in ("", "auto") else int(raw)
     if n < 1:
         raise ValueError(f"NIN_WORKERS must be auto or at least 1, got {raw!r}")
     return n
@@ -181,6 +183,8 @@ class Engine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pid = os.getpid()  # the worker answers say which process they come from
+        # explicit, since onnxruntime's default is the node's physical cores, not this worker's share
+        self.threads = settings.threads or max(1, available_cores() // settings.workers)
         self.folder = model_files.resolve(settings.model)
         self.card = model_files.load_card(self.folder)
         self.contract = self.card["input_contract"]
@@ -230,8 +234,7 @@ class Engine:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # explicit, since onnxruntime's default is the node's physical cores, not the container's share
-        opts.intra_op_num_threads = threads or self.settings.threads or available_cores()
+        opts.intra_op_num_threads = threads or self.threads
         if not self.settings.spinning:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ([("CUDAExecutionProvider", CUDA_OPTIONS)] if cuda else []) + ["CPUExecutionProvider"]
@@ -335,7 +338,7 @@ class Engine:
             "class_names": self.class_names,
             "workers": self.settings.workers,
             "batching": {"max_batch_size": self.settings.max_batch_size, "max_wait_ms": self.settings.max_wait_ms,
-                         "throughput_lanes": len(self.lane_sessions), "latency_lane_threads": self.settings.threads or available_cores(),
+                         "throughput_lanes": len(self.lane_sessions), "latency_lane_threads": self.threads,
                          "latency_lane_spinning": self.settings.spinning},
             "limits": {"max_bytes": self.settings.max_bytes, "max_pixels": self.settings.max_pixels,
                        "max_batch_images": self.settings.max_batch_images,

@@ -57,8 +57,8 @@ def image() -> bentoml.images.Image:
 
 
 def workers() -> int:
-    """BentoML workers: NIN_WORKERS (default: one per available core; docs/decisions.md). A bad
-    value is reported in one line by check_before_serving."""
+    """BentoML workers: NIN_WORKERS (default: one per two available cores; docs/decisions.md). A
+    bad value is reported in one line by check_before_serving."""
     try:
         return worker_count(os.environ.get("NIN_WORKERS", "auto"))
     except ValueError:

@@ -17,6 +17,7 @@ from bench.images import real_test_pngs
 from bench.servers import free_port, server_output, start_server, stop_server, wait_ready
 from serving.engine import Engine, Settings
 from serving.model_files import VARIANT_FILES
+from serving.procfs import available_cores
 from tests.conftest import MAX_BYTES, REAL_DATA, png_bytes
 from tests.test_imaging import BAD
 
@@ -386,6 +387,7 @@ def test_two_workers_both_answer_and_metrics_add_them_up(server):
     info = httpx.get(f"{server}/model", timeout=10).json()
     assert info["workers"] == 2 and info["batching"]["throughput_lanes"] == 0
     assert info["batching"]["latency_lane_spinning"] is False  # one worker's spinning threads would take the other's core
+    assert info["batching"]["latency_lane_threads"] == max(1, available_cores() // 2)  # each worker its share
     png = png_bytes(Image.fromarray(np.zeros((224, 224), np.uint8)))
     ok = 'bentoml_service_request_total{endpoint="/classify",http_response_code="200"'
     before = httpx.get(f"{server}/metrics", timeout=10).text
@@ -401,6 +403,6 @@ def test_two_workers_both_answer_and_metrics_add_them_up(server):
     assert len(set(pids)) == 2, pids
     after = httpx.get(f"{server}/metrics", timeout=10).text
     assert metric(after, ok) - metric(before, ok) == n
-    assert metric(after, "nin_batch_size_count") - metric(before, "nin_batch_size_count") == n  # one batch each here
+    assert metric(after, "nin_batch_size_sum") - metric(before, "nin_batch_size_sum") == n  # every image, in some batch
     rss = {line.split('pid="')[1].split('"')[0] for line in after.splitlines() if line.startswith("nin_peak_rss_bytes{")}
     assert {str(p) for p in pids} <= rss, rss
