@@ -154,12 +154,13 @@ def test_bench_measures_the_running_service(server, served_model, tmp_path):
 
 
 def test_past_the_bound_503_with_retry_after_below_it_all_200(served_model):
-    """NIN_MAX_QUEUE=4: 24 requests at once get 200 or an immediate 503 with Retry-After and a
-    JSON body, counted in a metric; 4 at once all get 200."""
+    """NIN_MAX_QUEUE=4 in each of two workers: 24 requests at once get 200 or an immediate 503
+    with Retry-After and a JSON body, counted in a metric summed over the workers; 4 at once all
+    get 200."""
     import asyncio
 
     port = free_port()
-    proc = start(served_model, port, {"NIN_MAX_QUEUE": "4"})
+    proc = start(served_model, port, {"NIN_MAX_QUEUE": "4", "NIN_WORKERS": "2"})  # the bound is per worker
     url = f"http://127.0.0.1:{port}"
     png = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224), dtype=np.uint8)))
 
