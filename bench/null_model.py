@@ -4,13 +4,14 @@ Same input (N, 1, 224, 224) float32 and output (N, 10) as the card says, same ca
 input contract, limits), but the graph is a global average pool and a 1×10 MatMul: microseconds
 per image. Built by the benchmark into a temporary folder; never shipped, never exported.
 
-    .venv/bin/python -m bench.null_model /tmp/null-model
+    .venv/bin/python -m bench.null_model [FOLDER]   # default: a new temporary folder
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -52,4 +53,4 @@ def make_null_model(out: str | Path, like: str | Path) -> Path:
 
 if __name__ == "__main__":
     root = Path(__file__).resolve().parents[1]
-    print(make_null_model(sys.argv[1] if len(sys.argv) > 1 else "/tmp/nin-null-model", root / "models" / "nin-fashion-mnist"))
+    print(make_null_model(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="nin-null-"), root / "models" / "nin-fashion-mnist"))

@@ -100,6 +100,7 @@ def restart(replicas: list, i: int, model: Path, env: dict, log) -> float:
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(60)
     log(f"replica {i} (port {port}) exited with {rc} after {time.monotonic() - t:.1f} s")
+    stop_server(proc)  # its log and BentoML home
     new = start_server(model, port, env)
     wait_ready(f"http://127.0.0.1:{port}", new)
     replicas[i] = (new, port)

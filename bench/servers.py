@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess  # nosec B404  # starts the servers under test, fixed argument lists, never a shell
@@ -51,9 +52,16 @@ def _spawn(cmd: list[str], env: dict, quiet: bool) -> subprocess.Popen:
 
 def start_server(model: str | Path, port: int, env: dict | None = None, quiet: bool = False) -> subprocess.Popen:
     """`bentoml serve` from the repository root (`python -m bentoml`: also where bentoml travels
-    as wheels without its script)."""
-    return _spawn([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                  {"NIN_MODEL": str(model), **(env or {})}, quiet)
+    as wheels without its script). A model folder gets the server a BentoML home of its own:
+    every `bentoml serve` start empties $BENTOML_HOME/prometheus_multiproc_dir, so servers
+    sharing a home would read each other's metrics files in /metrics and lose their own."""
+    env = {"NIN_MODEL": str(model), **(env or {})}
+    home = None
+    if "BENTOML_HOME" not in env and Path(model).is_dir():
+        home = env["BENTOML_HOME"] = tempfile.mkdtemp(prefix="nin-bentoml-home-")
+    proc = _spawn([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)], env, quiet)
+    proc.home = home
+    return proc
 
 
 def start_reference(model: str | Path, variant: str, port: int, quiet: bool = False,
@@ -92,6 +100,8 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(10)
     if getattr(proc, "log", None) is not None:
         proc.log.close()
+    if getattr(proc, "home", None):
+        shutil.rmtree(proc.home, ignore_errors=True)
 
 
 class Server:

@@ -141,11 +141,12 @@ def test_keys_are_never_logged(keyed_server):
 
 @pytest.mark.integration
 def test_a_bad_key_setting_stops_bentoml_serve_in_one_line(served_model):
-    from bench.servers import free_port, server_output, start_server
+    from bench.servers import free_port, server_output, start_server, stop_server
 
     proc = start_server(served_model, free_port(), {"NIN_API_KEYS": "tooshort"})
     proc.wait(timeout=120)
     out = server_output(proc)
+    stop_server(proc)
     assert proc.returncode == 1 and out.strip().splitlines()[-1] == (
         "error: cannot serve: API key 1: keys must be at least 16 printable ASCII characters with no spaces "
         "(e.g. `openssl rand -hex 24`)")

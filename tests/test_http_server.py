@@ -119,6 +119,7 @@ def test_bad_model_fails_start_up_with_one_line(tmp_path):
     proc = start(tmp_path / "missing", free_port())
     proc.wait(timeout=120)
     out = server_output(proc)
+    stop_server(proc)
     assert proc.returncode == 1
     assert out.strip().splitlines()[-1].startswith("error: cannot serve: model folder not found")
 
