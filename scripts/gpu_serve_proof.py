@@ -262,11 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"dry_run": args.dry_run, "onnxruntime": ort.__version__, "onnxruntime_file": ort.__file__,
                      "available_providers": ort.get_available_providers(), "cuda_devices": cuda_device_count()}
     provider = CPU if args.dry_run else CUDA
-    rc = 0
+    rc, failed, step = 0, [], "environment"
     try:
         if not args.dry_run:
             if CUDA not in ort.get_available_providers():
-                raise SystemExit("error: this onnxruntime has no CUDA provider (PYTHONPATH=/tmp/site after assemble?)")
+                raise RuntimeError("this onnxruntime has no CUDA provider (PYTHONPATH=/tmp/site after assemble?)")
             ort.preload_dlls()  # CUDA 13 / cuDNN 9 from the machine's nvidia-* wheels (torch's)
         s = session(SHIPPED / "model.onnx", provider)
         summary["active_providers"] = s.get_providers()
@@ -278,12 +278,16 @@ def main(argv: list[str] | None = None) -> int:
                 summary["gpu"] = torch.cuda.get_device_name(0)
             except Exception as e:  # noqa: BLE001 - the name is a label, not a check
                 summary["gpu"] = f"unknown ({e})"
+            step = "cuda_ort tests"
             t = subprocess.run([sys.executable, "-m", "pytest", "tests/test_gpu.py", "-m", "cuda_ort", "-q",  # nosec B603  # pytest under this interpreter, fixed arguments
                                 "-p", "no:cacheprovider", "-o", "addopts=-ra"], cwd=ROOT, capture_output=True, text=True,
-                               env={**os.environ, "NIN_EXPECT_GPU": "1"}, timeout=300)
+                               env={**os.environ, "NIN_EXPECT_GPU": "1",  # a skip is a failure there
+                                    **({"FASHION_MNIST_DIR": args.data_dir} if args.data_dir else {})}, timeout=300)
             log(out, t.stdout[-3000:] + t.stderr[-2000:])
             summary["cuda_ort_tests_rc"] = t.returncode
-            rc |= t.returncode != 0
+            if t.returncode != 0:
+                rc, failed = 1, failed + ["cuda_ort tests"]
+        step = "agreement with the CPU provider"
         summary["agreement"] = agreement(card, provider, args.data_dir, 64 if args.dry_run else None, out)
 
         from bench.images import real_test_pngs
@@ -294,27 +298,36 @@ def main(argv: list[str] | None = None) -> int:
         contract = card["input_contract"]
         x = ((x_u8.astype(np.float32) * contract["scale"] - contract["mean"]) / contract["std"]).astype(np.float32)
         batches, repeats = ([1, 2], 2) if args.dry_run else ([1, 2, 4, 8, 16, 32, 64, 128, 256], 20)
+        step = "in-process runs"
         summary["in_process"] = {}
         for v in ("fp32", "fp16"):
             path = SHIPPED / ("model.onnx" if v == "fp32" else f"model.{v}.onnx")
             if path.is_file():
                 summary["in_process"][v] = in_process(path, provider, x_u8, contract, batches, repeats)
                 log(out, f"in-process {v}: {json.dumps(summary['in_process'][v])}")
+        step = "batches in flight"
         summary["in_flight"] = in_flight(SHIPPED / "model.onnx", provider, x, 2 if args.dry_run else 64,
                                          0.5 if args.dry_run else 3.0)
         log(out, f"in flight: {json.dumps(summary['in_flight'])}")
         if not args.dry_run:
+            step = "cuDNN algorithm search"
             summary["cudnn_conv_algo_search"] = algo_search(SHIPPED / "model.onnx", x, [1, 16, 64, 256], 10)
             log(out, f"cudnn_conv_algo_search: {json.dumps(summary['cudnn_conv_algo_search'])}")
         if not args.skip_bench:
             summary["serve_by_workers"] = {}
             for n, variants in (SERVE_PLAN_DRY if args.dry_run else SERVE_PLAN):
+                step = f"bentoml serve with {n} workers"
                 result = serve_with_workers(out, n, variants, args.data_dir, args.dry_run)
                 summary["serve_by_workers"][str(n)] = result
-                rc |= result["rc"] != 0
+                if result["rc"] != 0:
+                    rc, failed = 1, failed + [step]
                 (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))  # kept if killed later
+    except Exception as e:  # noqa: BLE001 - said in the summary, and the exit status
+        rc, failed = 1, failed + [f"{step}: {type(e).__name__}: {str(e)[:300]}"]
+        log(out, f"FAILED at {step}: {type(e).__name__}: {e}")
     finally:
         summary["rc"] = int(rc)
+        summary["failed_steps"] = failed
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return int(rc)
 

@@ -13,20 +13,28 @@ import pytest
 
 pytest_plugins = ["tests.ci_skips"]  # under CI=true, a skip outside the GPU tests fails the run
 
-DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 # Tests that read the real Fashion-MNIST carry this marker: they skip where it is not installed,
 # and fail under CI=true (CI installs it: a skip there would hide a broken install step).
 REAL_DATA = pytest.mark.real_data
 
 
 def has_real_data() -> bool:
-    return (DEBIAN_DIR / "t10k-images-idx3-ubyte.gz").is_file()
+    """The real Fashion-MNIST where training.data looks: $FASHION_MNIST_DIR (the GPU machine's
+    carried copy), then Debian's package."""
+    from training.data import DataNotFoundError, find_data_root
+
+    try:
+        find_data_root(allow_download=False)
+    except DataNotFoundError:
+        return False
+    return True
 
 
 def require_real_data() -> None:
     if has_real_data():
         return
-    reason = "Debian dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)"
+    reason = ("the real Fashion-MNIST is neither in $FASHION_MNIST_DIR nor installed "
+              "(apt-get install dataset-fashion-mnist)")
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI=true but {reason}")
     pytest.skip(reason)

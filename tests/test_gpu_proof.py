@@ -68,7 +68,7 @@ def test_gpu_serve_proof_dry_run_on_the_cpu_provider(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     s = json.loads((out / "summary.json").read_text())
-    assert s["active_providers"][0] == "CPUExecutionProvider" and s["rc"] == 0
+    assert s["active_providers"][0] == "CPUExecutionProvider" and s["rc"] == 0 and s["failed_steps"] == []
     fp32 = s["agreement"]["variants"]["fp32"]
     assert s["agreement"]["images"] == 64 and fp32["argmax_agreement_with_cpu_fp32"] == 1.0
     row = s["in_process"]["fp32"]["by_batch"]["2"]
@@ -123,3 +123,21 @@ def test_a_step_past_its_limit_is_stopped_and_recorded_not_raised(tmp_path):
     r = p.run("slow", [sys.executable, "-c", code], timeout=2, output=tmp_path / "slow.txt")
     assert r["timed_out"] and r["rc"] != 0 and r["seconds"] < 30 and p.summary["stages"]["slow"] == r
     assert (tmp_path / "slow.txt").read_text() == "partial\n" and "to the log" in (tmp_path / "proof.log").read_text()
+
+
+def test_gpu_serve_proof_names_the_step_that_failed(tmp_path, monkeypatch):
+    """A step that raises: the exit status is 1 and summary.json (written anyway) names it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gsp_fail", ROOT / "scripts" / "gpu_serve_proof.py")
+    gsp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gsp)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cuDNN said no")
+
+    monkeypatch.setattr(gsp, "agreement", broken)
+    assert gsp.main(["--out", str(tmp_path), "--dry-run", "--skip-bench"]) == 1
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["rc"] == 1 and s["failed_steps"] == ["agreement with the CPU provider: RuntimeError: cuDNN said no"]
+    assert "FAILED at agreement with the CPU provider" in (tmp_path / "serve-proof.log").read_text()

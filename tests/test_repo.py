@@ -55,15 +55,33 @@ def test_layers_point_one_way():
     assert offending("serving", "training", "export", "bench", "torch") == []
 
 
-@pytest.mark.parametrize("marker, ci, fails", [("", "true", True), ("@pytest.mark.gpu", "true", False), ("", "", False)])
-def test_under_ci_only_gpu_tests_may_skip(tmp_path, marker, ci, fails):
-    """tests/ci_skips.py: a skip under CI=true fails the run unless the test is a GPU test."""
+@pytest.mark.parametrize("marker, env, fails", [
+    ("", {"CI": "true"}, True), ("@pytest.mark.gpu", {"CI": "true"}, False), ("", {"CI": ""}, False),
+    ("@pytest.mark.gpu", {"CI": "", "NIN_EXPECT_GPU": "1"}, True),  # the GPU machine: no skip at all
+    ("@pytest.mark.real_data", {"CI": "", "NIN_EXPECT_GPU": "1"}, True),
+])
+def test_under_ci_only_gpu_tests_may_skip_and_on_the_gpu_machine_none(tmp_path, marker, env, fails):
+    """tests/ci_skips.py: a skip under CI=true fails the run unless the test is a GPU test; under
+    NIN_EXPECT_GPU=1 any skip fails it."""
     import os
     import sys
 
     (tmp_path / "test_one.py").write_text(f"import pytest\n\n{marker}\ndef test_x():\n    pytest.skip('wrk is not installed')\n")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.ci_skips", "-p", "no:cacheprovider",
-                        str(tmp_path / "test_one.py")], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                       env={**os.environ, "CI": ci, "PYTHONPATH": str(ROOT)})
+                        "-p", "no:warnings", str(tmp_path / "test_one.py")], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120, env={**os.environ, "NIN_EXPECT_GPU": "", **env, "PYTHONPATH": str(ROOT)})
     assert (r.returncode != 0) == fails, r.stdout[-1000:]
-    assert ("only a GPU test may skip" in r.stdout) == fails and "1 skipped" in r.stdout
+    assert ("may skip" in r.stdout) == fails and "1 skipped" in r.stdout
+
+
+def test_real_data_is_found_where_the_gpu_machine_carries_it(tmp_path, monkeypatch):
+    """conftest.has_real_data follows training.data: $FASHION_MNIST_DIR (the carried .gpu/data)
+    counts, so the real-data tests run there instead of skipping."""
+    from tests.conftest import has_real_data, make_fashion_mnist
+    from training import data
+
+    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "no-debian")
+    monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
+    assert not has_real_data()
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(make_fashion_mnist(tmp_path / "carried")))
+    assert has_real_data()
