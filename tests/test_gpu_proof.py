@@ -25,7 +25,7 @@ def test_gpu_proof_dry_run_writes_what_comes_back(tmp_path, monkeypatch):
     assert len(files) <= 8 and all(p.stat().st_size <= 16 * 2**20 for p in out.iterdir()), files
     assert {"summary.json", "proof.log", "profile.txt", "strong-best.pt", "strong-metrics.csv", "d2l-metrics.csv"} <= set(files)
     s = json.loads((out / "summary.json").read_text())
-    assert s["dry_run"] and s["rc"] == 0 and s["env"]["torch"] == torch.__version__
+    assert s["dry_run"] and s["rc"] == 0 and s["env"]["torch"] == torch.__version__ and s["failed_steps"] == []
     assert all(st["rc"] == 0 for st in s["stages"].values()), s["stages"]
     assert s["strong"]["epochs"] == 1 and s["strong"]["device"] == "cpu" and s["strong"]["batch_size"] == 8
     assert s["strong"]["predicted_training_mb_fp32"]["total"] > 0 and s["stats_batch"]["measured_training_step_mb"] > 0
