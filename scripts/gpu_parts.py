@@ -37,7 +37,15 @@ from pathlib import Path
 
 STORE = Path("/tmp/nin-gpu-parts")  # nosec B108  # the GPU machine is single-user and lent to one session; the parts must wait at a path the next call knows
 ORT_GPU = "onnxruntime-gpu==1.31.1"
-BENTOML = "bentoml==1.4.40"
+SERVE_REQUIREMENTS = Path(__file__).resolve().parents[1] / "serving" / "requirements.txt"
+
+
+def served_packages() -> list[str]:
+    """What the served package imports, pinned as serving/requirements.txt pins it (bentoml,
+    fastapi, pillow, ...), less onnxruntime-gpu (carried apart) and the machine's own numpy."""
+    lines = [ln.split("#")[0].strip() for ln in SERVE_REQUIREMENTS.read_text().splitlines()]
+    return [ln for ln in lines if ln and ln.split("==")[0].lower() not in {"onnxruntime-gpu", *KEEP_MACHINE_COPY}]
+
 BIG_LIB = "onnxruntime/capi/libonnxruntime_providers_cuda.so"
 # Packages the GPU machine has that must not be shadowed by a copy in /tmp/site: torch was built
 # against its numpy. Everything else bentoml needs travels, so versions cannot disagree.
@@ -137,10 +145,10 @@ def prepare(out: Path, part_mb: float) -> int:
         (work / "ort").mkdir()
         (work / "wheels").mkdir()
         pip_download(work / "ort", [ORT_GPU], deps=False)
-        pip_download(work / "wheels", [BENTOML], deps=True)
+        pip_download(work / "wheels", served_packages(), deps=True)
         ort_wheel = next((work / "ort").glob("onnxruntime_gpu-*.whl"))
         wheels = sorted(w for w in (work / "wheels").glob("*.whl") if dist_name(w) not in KEEP_MACHINE_COPY)
-        print(f"{len(wheels)} wheels for bentoml ({sum(w.stat().st_size for w in wheels) / 1e6:.1f} MB); "
+        print(f"{len(wheels)} wheels for the service ({sum(w.stat().st_size for w in wheels) / 1e6:.1f} MB); "
               f"{ort_wheel.name} {ort_wheel.stat().st_size / 1e6:.1f} MB; compressing its CUDA library ...", flush=True)
         rest, lib_xz, lib = split_ort_wheel(ort_wheel, work)
         print(f"library {lib['bytes'] / 1e6:.1f} MB -> {lib_xz.stat().st_size / 1e6:.1f} MB xz; "

@@ -80,3 +80,13 @@ def test_a_damaged_part_is_named_not_used(parts, capsys):
     assert gpu_parts.main(["receive", str(first), "--store", str(tmp / "store")]) == 2
     assert "damaged" in capsys.readouterr().err
     assert gpu_parts.main(["receive", str(tmp / "nowhere"), "--store", str(tmp / "store")]) == 2
+
+
+def test_what_travels_is_what_the_served_package_imports():
+    """bentoml serve died on import there: serving/http.py imports fastapi, and only bentoml with
+    its dependencies travelled. Now serving/requirements.txt travels, pinned, less onnxruntime-gpu
+    (carried apart) and numpy (the machine's own, torch's)."""
+    specs = gpu_parts.served_packages()
+    names = {s.split("==")[0].lower() for s in specs}
+    assert {"bentoml", "fastapi", "pillow", "prometheus-client"} <= names
+    assert not names & {"onnxruntime-gpu", "numpy"} and all("==" in s for s in specs)
