@@ -71,7 +71,7 @@ OUT ?= gpu-proof-out
 gpu-proof:
 	$(GPU_PY) scripts/gpu_proof.py --out "$(OUT)" $(if $(DRY),--dry-run) $(if $(DATA),--data-dir "$(DATA)") $(if $(STAGE),--stage $(STAGE))
 
-# Stage 4's luggage: onnxruntime-gpu, bentoml and their wheels for the GPU machine's Python 3.12,
+# Stage 4's luggage: onnxruntime-gpu and the rest of serving/requirements.txt (bentoml, fastapi, ...) with their wheels for the GPU machine's Python 3.12,
 # in parts that each fit one transfer beside the tree (scripts/gpu_parts.py; docs/gpu.md).
 gpu-parts: $(STAMP)
 	$(BIN)/python scripts/gpu_parts.py prepare --out .gpu/parts

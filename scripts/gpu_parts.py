@@ -1,4 +1,4 @@
-"""Carry onnxruntime-gpu and bentoml to the GPU machine in parts (issue 12, stage 4).
+"""Carry onnxruntime-gpu and the served package's other requirements (bentoml, fastapi, ...) to the GPU machine in parts (stage 4).
 
 The GPU machine has no package index and takes at most 64 MiB per call, the working tree
 (~15 MB) included. onnxruntime-gpu 1.31.1 for cp312 is a 255 MB wheel, almost all of it one
