@@ -119,9 +119,10 @@ class NiNClassifier:
                 model_files.verified_file(folder, card, variant)
         except ModelLoadError as e:
             raise SystemExit(f"error: cannot serve: {e}") from None
-        marks = ready_dir(os.getpid())  # this process is the arbiter, the workers' parent
-        shutil.rmtree(marks, ignore_errors=True)
-        marks.mkdir(parents=True)
+        if settings.workers > 1:  # a fresh folder for their warm marks; this process is their parent
+            marks = ready_dir(os.getpid())
+            shutil.rmtree(marks, ignore_errors=True)
+            marks.mkdir(parents=True)
         if keys:
             log.info("every route but the probes, docs and page needs one of %d API keys%s", keys.count,
                      " (/metrics too)" if keys.metrics else "")
