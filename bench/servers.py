@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -102,6 +103,19 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.log.close()
     if getattr(proc, "home", None):
         shutil.rmtree(proc.home, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_server(model: str | Path, env: dict | None = None):
+    """start_server on a free port: ready on entry (its `url` set), stopped on exit."""
+    port = free_port()
+    proc = start_server(model, port, env)
+    proc.url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc.url, proc)
+        yield proc
+    finally:
+        stop_server(proc)
 
 
 class Server:

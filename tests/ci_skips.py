@@ -15,21 +15,22 @@ ALLOWED = {"gpu", "cuda_ort"}
 _unexpected: list[str] = []
 
 
-def _on(name: str) -> bool:
+def flag(name: str) -> bool:
+    """An environment switch: 1, true or yes."""
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
 def pytest_runtest_logreport(report) -> None:
     if not report.skipped:
         return
-    if _on("NIN_EXPECT_GPU") or (_on("CI") and not ALLOWED & set(report.keywords)):
+    if flag("NIN_EXPECT_GPU") or (flag("CI") and not ALLOWED & set(report.keywords)):
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         _unexpected.append(f"{report.nodeid}: {reason}")
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
     if _unexpected:
-        rule = "NIN_EXPECT_GPU=1: no test may skip" if _on("NIN_EXPECT_GPU") else "CI=true: only a GPU test may skip"
+        rule = "NIN_EXPECT_GPU=1: no test may skip" if flag("NIN_EXPECT_GPU") else "CI=true: only a GPU test may skip"
         terminalreporter.write_line(f"{rule}; {len(_unexpected)} did:", red=True)
         for line in _unexpected:
             terminalreporter.write_line(f"  {line}", red=True)

@@ -43,7 +43,9 @@ def require_real_data() -> None:
 def expecting_gpu() -> bool:
     """NIN_EXPECT_GPU=1 (set by scripts/gpu_proof.py on the GPU machine): a missing or broken
     CUDA path is a failure, not a skip."""
-    return os.environ.get("NIN_EXPECT_GPU", "").lower() in ("1", "true", "yes")
+    from tests.ci_skips import flag
+
+    return flag("NIN_EXPECT_GPU")
 
 
 def skip_or_fail_without_gpu(reason: str) -> None:
@@ -165,16 +167,10 @@ MAX_BYTES = 2 * 2**20  # the byte cap of the shared real server
 def server_proc(served_model):
     """One real `bentoml serve` (two workers) in a subprocess on a free port, shared by the
     modules that need a server (tests/test_http_server.py, tests/test_browser.py)."""
-    from bench.servers import free_port, start_server, stop_server, wait_ready
+    from bench.servers import running_server
 
-    port = free_port()
-    proc = start_server(served_model, port, {"NIN_MAX_BYTES": str(MAX_BYTES), "NIN_WORKERS": "2"})
-    proc.url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc.url, proc)
+    with running_server(served_model, {"NIN_MAX_BYTES": str(MAX_BYTES), "NIN_WORKERS": "2"}) as proc:
         yield proc
-    finally:
-        stop_server(proc)
 
 
 @pytest.fixture(scope="session")

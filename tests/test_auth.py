@@ -76,19 +76,13 @@ def test_the_openapi_document_gets_a_bearer_scheme_on_protected_operations():
 @pytest.fixture(scope="module")
 def keyed_server(served_model, tmp_path_factory):
     """A real `bentoml serve` with two keys (one from a Secret-like file) and /metrics protected."""
-    from bench.servers import free_port, start_server, stop_server, wait_ready
+    from bench.servers import running_server
 
     secret = tmp_path_factory.mktemp("secret") / "api-keys"
     secret.write_text(KEY2 + "\n")
-    port = free_port()
-    proc = start_server(served_model, port, {"NIN_API_KEYS": KEY, "NIN_API_KEYS_FILE": str(secret),
-                                             "NIN_METRICS_AUTH": "1", "NIN_ACCESS_LOG": "1"})
-    proc.url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc.url, proc)
+    with running_server(served_model, {"NIN_API_KEYS": KEY, "NIN_API_KEYS_FILE": str(secret),
+                                       "NIN_METRICS_AUTH": "1", "NIN_ACCESS_LOG": "1"}) as proc:
         yield proc
-    finally:
-        stop_server(proc)
 
 
 @pytest.mark.integration

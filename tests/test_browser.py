@@ -38,16 +38,10 @@ def browser():
 
 @pytest.fixture(scope="module")
 def shipped_server():
-    from bench.servers import free_port, start_server, stop_server, wait_ready
+    from bench.servers import running_server
 
-    port = free_port()
-    proc = start_server(SHIPPED, port, {})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
-        yield url
-    finally:
-        stop_server(proc)
+    with running_server(SHIPPED) as proc:
+        yield proc.url
 
 
 def wait_for_card(driver, index: int, timeout: float = 30):
@@ -110,16 +104,10 @@ def test_upload_page_in_chromium(browser, shipped_server, tmp_path):
 
 @pytest.fixture(scope="module")
 def keyed_server(served_model):
-    from bench.servers import free_port, start_server, stop_server, wait_ready
+    from bench.servers import running_server
 
-    port = free_port()
-    proc = start_server(served_model, port, {"NIN_API_KEYS": KEY})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
-        yield url
-    finally:
-        stop_server(proc)
+    with running_server(served_model, {"NIN_API_KEYS": KEY}) as proc:
+        yield proc.url
 
 
 KEY = "browser-test-key-0123456789"
