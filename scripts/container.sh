@@ -66,9 +66,10 @@ build() {
   echo "$IMAGE"
 }
 
-run() {
+run() {  # as deploy/k8s runs it: read-only root with two writable tmpfs, no capabilities
   ensure_docker
-  docker run -d -p "127.0.0.1:${1:-3000}:3000" "$IMAGE"
+  docker run -d --read-only --tmpfs /tmp --tmpfs /var/lib/bentoml:uid=10034,gid=10034 --cap-drop ALL \
+    --security-opt no-new-privileges -p "127.0.0.1:${1:-3000}:3000" "$IMAGE"
 }
 
 case "${1:-}" in
