@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 PORT ?= 3000
 
-.PHONY: setup data serve test test-fast stats container container-run gpu-proof gpu-parts gpu-data gpu-env-check rollout
+.PHONY: setup data serve test test-fast stats container container-run gpu-proof gpu-parts gpu-data gpu-env-check gpu-rehearsal rollout
 
 # The virtual environment with everything (serving, training, tests); reinstalled when
 # pyproject.toml changes. torch 2.14.1 / torchvision 0.29.1 come from this machine's disk.
@@ -71,13 +71,16 @@ OUT ?= gpu-proof-out
 gpu-proof:
 	$(GPU_PY) scripts/gpu_proof.py --out "$(OUT)" $(if $(DRY),--dry-run) $(if $(DATA),--data-dir "$(DATA)") $(if $(STAGE),--stage $(STAGE))
 
-# Stage 4's luggage: onnxruntime-gpu and the rest of serving/requirements.txt (bentoml, fastapi, ...) with their wheels for the GPU machine's Python 3.12,
-# in parts that each fit one transfer beside the tree (scripts/gpu_parts.py; docs/gpu.md).
-gpu-parts: $(STAMP)
+# The wheels the GPU machine lacks (scripts/gpu-wheels.lock: onnxruntime-gpu with only its sm_90
+# code, bentoml, fastapi, ...), for its Python 3.12, cut into the parts the device calls carry
+# (scripts/gpu_parts.py; docs/gpu.md). `python scripts/gpu_parts.py lock` re-pins them.
+gpu-parts: .gpu/parts/.prepared
+.gpu/parts/.prepared: scripts/gpu-wheels.lock scripts/gpu_parts.py | $(STAMP)
 	$(BIN)/python scripts/gpu_parts.py prepare --out .gpu/parts
+	touch $@
 
-# The data the GPU machine lacks: the four .gz files (30 MB), into an ignored folder that a device
-# call carries (carry [".gpu/data"]).
+# The data the GPU machine lacks: the four .gz files (30 MB), into an ignored folder that call 1
+# carries (carry [".gpu/data"]).
 gpu-data: data
 	mkdir -p .gpu/data && cp /usr/share/datasets/fashion-mnist/*-ubyte.gz .gpu/data/
 
@@ -86,6 +89,12 @@ gpu-data: data
 # from PyPI, once). Before a GPU run, after any change to training/ or export/ (scripts/gpu_env_check.sh).
 gpu-env-check:
 	PY312=$(PY312) bash scripts/gpu_env_check.sh
+
+# Before every device call: each of the plan's four calls (scripts/gpu_calls.py; docs/gpu.md "The
+# plan") run here with --dry-run, in the device's versions, with the same carries; < 10 minutes.
+gpu-rehearsal: gpu-data gpu-parts
+	PY312=$(PY312) bash scripts/gpu_env_check.sh venv
+	.gpu/venv312/bin/python scripts/gpu_calls.py rehearse
 
 # A real rolling restart here: two replicas behind haproxy (health check /readyz), c=16, each
 # replica restarted in turn; failures and latency before/during/after (bench/rollout.py).

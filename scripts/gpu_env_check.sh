@@ -8,6 +8,7 @@
 #   - the GPU proof's dry run, both stages (scripts/gpu_proof.py --dry-run, --stage grid);
 #   - the training, export and exercise-grid tests (bentoml's store test aside: no bentoml there).
 # Usage: make gpu-env-check  [PY312=/path/to/python3.12]
+#        bash scripts/gpu_env_check.sh venv    only build the venv (make gpu-rehearsal uses it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # the first Python 3.12 that runs: PY312, python3.12 on the PATH, pyenv's (its shim may be inactive)
@@ -16,7 +17,8 @@ PY312=$(for c in ${PY312:-} python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12
 done || true)
 VENV=.gpu/venv312
 PINS=(torch==2.11.0 torchvision==0.26.0 numpy==2.5.2 onnx==1.23.1 onnxruntime==1.30.0 onnxscript==0.7.2
-      pillow tqdm matplotlib httpx prometheus-client pytest pytest-timeout)
+      pillow tqdm matplotlib httpx prometheus-client pytest pytest-timeout
+      nvidia-cuda-cuobjdump==13.5.37)  # the device has CUDA's cuobjdump; the rehearsal's library check uses this one
 
 if [ -z "$PY312" ]; then
   echo "error: no Python 3.12 found; the GPU machine runs Python 3.12 (set PY312=/path/to/python3.12)" >&2
@@ -28,6 +30,7 @@ if [ ! -f "$VENV/.installed" ] || [ "$(cat "$VENV/.installed")" != "${PINS[*]}" 
   "$VENV/bin/python" -m pip install --quiet "${PINS[@]}"
   echo "${PINS[*]}" > "$VENV/.installed"
 fi
+[ "${1:-}" = venv ] && exit 0
 "$VENV/bin/python" - <<'EOF'
 import platform, numpy, onnx, onnxruntime, torch, torchvision
 print(f"python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "

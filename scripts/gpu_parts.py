@@ -4,11 +4,16 @@ The GPU machine has no package index and takes at most 64 MiB per call, the work
 (~15 MB) included. onnxruntime-gpu 1.31.1 for cp312 is a 255 MB wheel, almost all of it one
 library, `libonnxruntime_providers_cuda.so` (284 MB; ~185 MB with xz -9). So:
 
-  here:   python scripts/gpu_parts.py prepare --out .gpu/parts
-          downloads the wheels for Python 3.12 (no numpy: the GPU machine's own serves), takes the
-          CUDA provider library out of the onnxruntime-gpu wheel, xz-compresses it, cuts it into
-          chunks, and packs everything into folders .gpu/parts/01, 02, ... of at most
-          --part-mb MB each (default 46), each with the manifest. It prints the plan.
+  here:   python scripts/gpu_parts.py lock       (after a change to serving/requirements.txt)
+          resolves onnxruntime-gpu and serving/requirements.txt for cp312 on manylinux x86-64 and
+          writes scripts/gpu-wheels.lock: every wheel pinned with its sha256 (no numpy: the GPU
+          machine's own serves, torch was built against it).
+          python scripts/gpu_parts.py prepare --out .gpu/parts
+          downloads exactly the locked wheels (pip --require-hashes), takes the CUDA provider
+          library out of the onnxruntime-gpu wheel, keeps in it only the Hopper (sm_90) kernels
+          (prune_fatbin: 284 MB -> 52 MB with xz instead of 185), xz-compresses it, cuts
+          everything into chunks and packs folders .gpu/parts/01, 02, ... of at most --part-mb MB
+          each, each with the manifest. It prints the plan.
   there, one call per part, back to back (the machine stays warm ~30 s between calls):
           python3 scripts/gpu_parts.py receive .gpu/parts/NN        (carry: [".gpu/parts/NN"])
           copies the part into /tmp/nin-gpu-parts, checks every sha256, says what is missing.
@@ -29,15 +34,19 @@ import hashlib
 import json
 import lzma
 import shutil
+import struct
 import subprocess  # nosec B404  # pip and xz with fixed argument lists, never a shell
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 STORE = Path("/tmp/nin-gpu-parts")  # nosec B108  # the GPU machine is single-user and lent to one session; the parts must wait at a path the next call knows
 ORT_GPU = "onnxruntime-gpu==1.31.1"
-SERVE_REQUIREMENTS = Path(__file__).resolve().parents[1] / "serving" / "requirements.txt"
+SERVE_REQUIREMENTS = ROOT / "serving" / "requirements.txt"
+LOCK = ROOT / "scripts" / "gpu-wheels.lock"
+KEEP_ARCH = 90  # the H100 and H200: Hopper, sm_90 (the wheel's cubins for it are sm_90a)
 
 
 def served_packages() -> list[str]:
@@ -63,14 +72,29 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def pip_download(dest: Path, specs: list[str], deps: bool) -> None:
+def pip_download(dest: Path, specs: list[str], deps: bool, hashes: bool = False) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--python-version", "3.12",
            "--implementation", "cp", "--abi", "cp312", "--abi", "abi3", "--abi", "none", "-d", str(dest)]
     for p in PLATFORMS:
         cmd += ["--platform", p]
     if not deps:
         cmd.append("--no-deps")
+    if hashes:
+        cmd.append("--require-hashes")
     subprocess.run(cmd + specs, check=True)  # nosec B603  # pip under this interpreter, pinned specs from this file
+
+
+def lock(path: Path = LOCK) -> int:
+    """Resolve the wheels once and pin each with its sha256: `prepare` then downloads exactly these."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pip_download(Path(tmp), [ORT_GPU, *served_packages()], deps=True)
+        wheels = sorted(w for w in Path(tmp).glob("*.whl") if dist_name(w) not in KEEP_MACHINE_COPY)
+        lines = [f"{dist_name(w)}=={w.name.split('-')[1]} --hash=sha256:{sha256(w)}" for w in wheels]
+    path.write_text("# scripts/gpu_parts.py lock: the GPU machine's wheels (cp312, manylinux x86-64), each with its sha256;\n"
+                    "# `prepare` downloads exactly these. Regenerate after a change to serving/requirements.txt.\n"
+                    + "\n".join(lines) + "\n")
+    print(f"{path}: {len(lines)} wheels")
+    return 0
 
 
 def dist_name(wheel: Path) -> str:
@@ -87,30 +111,94 @@ def compress(src: Path, dst: Path) -> None:
             shutil.copyfileobj(fin, fout, 1 << 20)
 
 
+def elf_section(data: bytes | bytearray, name: str) -> tuple[int, int]:
+    """(file offset, size) of an ELF64 little-endian section, read from the section headers."""
+    if data[:4] != b"\x7fELF" or data[4] != 2:
+        raise ValueError("not an ELF64 file")
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    strtab = headers[shstrndx][4]
+    for sh_name, _, _, _, offset, size in headers:
+        if data[strtab + sh_name : data.index(b"\0", strtab + sh_name)] == name.encode():
+            return offset, size
+    raise ValueError(f"no {name} section")
+
+
+FATBIN_MAGIC = 0xBA55ED50
+FATBIN_ENTRY = struct.Struct("<HHIQIIHHI")  # kind, -, header size, payload size, -, -, minor, major, sm arch
+
+
+def prune_fatbin(data: bytearray, keep: int = KEEP_ARCH) -> dict:
+    """Keep only the sm_`keep` code in every CUDA fat binary of a shared library, in place.
+
+    Each container in `.nv_fatbin` (one per compiled source file: a 16-byte header, then entries of
+    a header and a payload, one per GPU architecture) is rewritten to hold only its sm_`keep`
+    entry, moved up behind the header, with the header's size cut to match and the rest zeroed:
+    the same container nvcc writes for one architecture, at the same address, so the pointers in
+    `.nvFatBinSegment` hold. A container with no such entry stays whole. The zeros compress to
+    nothing; the library's size and layout do not change."""
+    offset, size = elf_section(data, ".nv_fatbin")
+    pos, end_all = offset, offset + size
+    stats = {"containers": 0, "pruned": 0, "kept_whole": 0, "kept_bytes": 0, "dropped_bytes": 0}
+    while pos < end_all:
+        if data[pos : pos + 8] == bytes(8):  # padding between containers
+            pos += 8
+            continue
+        magic, _, header, fat = struct.unpack_from("<IHHQ", data, pos)
+        if magic != FATBIN_MAGIC:
+            raise ValueError(f"no fat binary at {pos:#x} (magic {magic:#x})")
+        entries, e, end = [], pos + header, pos + header + fat
+        while e < end:
+            _, _, ehs, psize, *_, arch = FATBIN_ENTRY.unpack_from(data, e)
+            entries.append((e, ehs + psize, arch))
+            e += ehs + psize
+        if e != end:
+            raise ValueError(f"fat binary at {pos:#x}: entries overrun its size")
+        stats["containers"] += 1
+        keep_entries = [(e, n) for e, n, arch in entries if arch == keep]
+        if len(keep_entries) != 1:
+            stats["kept_whole"] += 1
+        else:
+            (e, n), = keep_entries
+            entry = bytes(data[e : e + n])
+            data[pos + header : end] = bytes(end - pos - header)
+            data[pos + header : pos + header + n] = entry
+            struct.pack_into("<Q", data, pos + 8, n)
+            stats["pruned"] += 1
+            stats["kept_bytes"] += n
+            stats["dropped_bytes"] += fat - n
+        pos = end
+    return stats
+
+
 def split_ort_wheel(wheel: Path, work: Path) -> tuple[Path, Path, dict]:
-    """The wheel without its CUDA provider library (a zip), and the library xz-compressed."""
+    """The wheel without its CUDA provider library (a zip), and the library pruned to sm_90 and
+    xz-compressed."""
     rest, lib, lib_xz = work / "onnxruntime_gpu-rest.zip", work / "libonnxruntime_providers_cuda.so", work / "cuda-lib.xz"
-    with zipfile.ZipFile(wheel) as zin, zipfile.ZipFile(rest, "w", zipfile.ZIP_DEFLATED) as zout:
+    with zipfile.ZipFile(wheel) as zin, zipfile.ZipFile(rest, "w", zipfile.ZIP_LZMA) as zout:
         for item in zin.infolist():
             if item.filename == BIG_LIB:
-                with zin.open(item) as src, open(lib, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
+                data = bytearray(zin.read(item))
+                stats = prune_fatbin(data)
+                lib.write_bytes(data)
             else:
                 zout.writestr(item, zin.read(item))
-    info = {"path": BIG_LIB, "sha256": sha256(lib), "bytes": lib.stat().st_size}
+    info = {"path": BIG_LIB, "sha256": sha256(lib), "bytes": lib.stat().st_size, "fatbin": stats}
     compress(lib, lib_xz)
     lib.unlink()
     return rest, lib_xz, info
 
 
-def pack(files: list[Path], out: Path, part_bytes: int, extra: dict) -> dict:
-    """Cut `files` into chunks and fill numbered part folders, each at most `part_bytes`.
-    Returns the manifest, also written into every part."""
+def pack(files: list[Path], out: Path, part_bytes: int, extra: dict, first_part_bytes: int | None = None) -> dict:
+    """Cut `files` into chunks and fill numbered part folders, each at most `part_bytes` (the first
+    at most `first_part_bytes`: it travels beside the data). Returns the manifest, also written
+    into every part."""
     entries, part, used = [], 1, 0
     for f in files:
         size, offset = f.stat().st_size, 0
         while offset < size:
-            room = part_bytes - used
+            room = (first_part_bytes if part == 1 and first_part_bytes else part_bytes) - used
             if room <= 0:
                 part, used = part + 1, 0
                 continue
@@ -136,37 +224,35 @@ def pack(files: list[Path], out: Path, part_bytes: int, extra: dict) -> dict:
     return manifest
 
 
-def prepare(out: Path, part_mb: float) -> int:
+def prepare(out: Path, part_mb: float, first_part_mb: float) -> int:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        (work / "ort").mkdir()
         (work / "wheels").mkdir()
-        pip_download(work / "ort", [ORT_GPU], deps=False)
-        pip_download(work / "wheels", served_packages(), deps=True)
-        ort_wheel = next((work / "ort").glob("onnxruntime_gpu-*.whl"))
-        wheels = sorted(w for w in (work / "wheels").glob("*.whl") if dist_name(w) not in KEEP_MACHINE_COPY)
+        pip_download(work / "wheels", ["-r", str(LOCK)], deps=False, hashes=True)
+        ort_wheel = next((work / "wheels").glob("onnxruntime_gpu-*.whl"))
+        wheels = sorted(w for w in (work / "wheels").glob("*.whl") if w != ort_wheel)
         print(f"{len(wheels)} wheels for the service ({sum(w.stat().st_size for w in wheels) / 1e6:.1f} MB); "
               f"{ort_wheel.name} {ort_wheel.stat().st_size / 1e6:.1f} MB; compressing its CUDA library ...", flush=True)
         rest, lib_xz, lib = split_ort_wheel(ort_wheel, work)
-        print(f"library {lib['bytes'] / 1e6:.1f} MB -> {lib_xz.stat().st_size / 1e6:.1f} MB xz; "
+        print(f"library {lib['bytes'] / 1e6:.1f} MB, {lib['fatbin']['dropped_bytes'] / 1e6:.1f} MB of other GPUs' "
+              f"code zeroed -> {lib_xz.stat().st_size / 1e6:.1f} MB xz; "
               f"the rest of the wheel {rest.stat().st_size / 1e6:.1f} MB", flush=True)
         manifest = pack([lib_xz, rest, *wheels], out, int(part_mb * 1e6),
                         {"ort_wheel": ort_wheel.name, "library": lib, "wheels": [w.name for w in wheels],
-                         "rest": rest.name, "library_xz": lib_xz.name})
+                         "rest": rest.name, "library_xz": lib_xz.name}, int(first_part_mb * 1e6))
     plan(manifest, out)
     return 0
 
 
 def plan(manifest: dict, out: Path) -> None:
-    print(f"\n{manifest['parts']} parts in {out}; one device call each, back to back:")
+    print(f"\n{manifest['parts']} parts in {out}:")
     for i in range(1, manifest["parts"] + 1):
         size = sum(c["bytes"] for c in manifest["chunks"] if c["part"] == i) / 1e6
-        print(f"  carry [\"{out}/{i:02d}\"]  ({size:.1f} MB)  command: python3 scripts/gpu_parts.py receive {out}/{i:02d}")
-    print("then: python3 scripts/gpu_parts.py assemble --site /tmp/site && "
-          "PYTHONPATH=/tmp/site python3 scripts/gpu_serve_proof.py --out $OUT --data-dir .gpu/data")
+        print(f"  {out}/{i:02d}  {size:.1f} MB")
+    print("the device calls that carry them: python scripts/gpu_calls.py plan")
 
 
 def receive(part_dir: Path, store: Path) -> int:
@@ -237,9 +323,12 @@ def assemble(store: Path, site: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="onnxruntime-gpu and bentoml to the GPU machine, in parts.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prepare", help="here: download, compress, cut into parts")
+    sub.add_parser("lock", help=f"here: resolve the wheels and pin them with their sha256 into {LOCK.name}")
+    p = sub.add_parser("prepare", help="here: download the locked wheels, prune, compress, cut into parts")
     p.add_argument("--out", default=".gpu/parts", help="default: .gpu/parts")
-    p.add_argument("--part-mb", type=float, default=46.0, help="MB per part (default: 46; the tree is ~15 MB of the 64 MiB)")
+    p.add_argument("--part-mb", type=float, default=46.0, help="MB per part (default: 46; the tree is ~17 MB of the 64 MiB)")
+    p.add_argument("--first-part-mb", type=float, default=16.0,
+                   help="MB in part 01, which travels beside the 30 MB of data (default: 16)")
     r = sub.add_parser("receive", help="there: take one part into the store")
     r.add_argument("part", help="a part folder, e.g. .gpu/parts/03")
     r.add_argument("--store", default=str(STORE), help=f"default: {STORE}")
@@ -250,8 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--site", default="/tmp/site", help="default: /tmp/site")  # nosec B108  # the GPU machine's scratch folder (see STORE)
     args = ap.parse_args(argv)
     try:
+        if args.cmd == "lock":
+            return lock()
         if args.cmd == "prepare":
-            return prepare(Path(args.out), args.part_mb)
+            return prepare(Path(args.out), args.part_mb, args.first_part_mb)
         if args.cmd == "receive":
             if not (Path(args.part) / MANIFEST).is_file():
                 print(f"error: {args.part} is not a part folder (no {MANIFEST})", file=sys.stderr)

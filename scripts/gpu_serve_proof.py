@@ -1,24 +1,28 @@
-"""Stage 4 of the GPU proof: onnxruntime's CUDA provider and `bentoml serve` on the GPU (issue 12).
+"""Stage 4 of the GPU proof: onnxruntime's CUDA provider and `bentoml serve` on the GPU.
 
-Run on the GPU machine after `scripts/gpu_parts.py assemble` (docs/gpu.md):
+Run on the GPU machine after `scripts/gpu_parts.py assemble`, by `scripts/gpu_calls.py` (calls 3
+and 4 of docs/gpu.md's plan):
 
-    PYTHONPATH=/tmp/site python3 scripts/gpu_serve_proof.py --out $OUT --data-dir .gpu/data
+    PYTHONPATH=/tmp/site python3 scripts/gpu_serve_proof.py --out $OUT --data-dir DATA [--part cuda|serve] [--model DIR]
 
+--part cuda:
 1. the CUDA execution provider is active, not a silent fallback (`session.get_providers()`);
 2. the `cuda_ort` tests with NIN_EXPECT_GPU=1;
-3. CUDA fp32 and fp16 against the CPU provider on all 10,000 test images: argmax agreement and
-   accuracy beside the card's (+-0.05 pp);
+3. CUDA fp32 and fp16 of --model against the CPU provider on all 10,000 test images: argmax
+   agreement and accuracy beside the card's (+-0.05 pp);
 4. in process, per variant and batch size 1..256: plain `run` (numpy in, numpy out), IO binding
    with input and output on the GPU (what the GPU alone costs), a uint8-input graph (4x fewer
    bytes to copy: normalization moves into the graph), several batches in flight (threads on one
    session, and two sessions), and cuDNN's algorithm search (HEURISTIC, EXHAUSTIVE, DEFAULT) with
    each shape's first-run cost;
+--part serve:
 5. `bentoml serve` on the GPU under `python -m bench` with 1, 4 and 16 workers (SERVE_PLAN) at
-   concurrency 1, 64, 256, with the GPU memory each worker's answers report.
+   concurrency 1, 64, 256, with the GPU memory each worker's answers report, and the
+   hand-written reference beside the one-worker service.
 
-Writes summary.json (again after each serving run), serve-proof.log and each run's bench.json /
-bench.md into OUT/workers-N. `--dry-run` runs 1, 3, 4 and 5 on the CPU provider with tiny sizes
-and workers 1 and 2 (the test suite does).
+Within --budget-s: a step that would not fit is skipped and named in `skipped_steps`. Writes
+summary.json after every step, serve-proof.log, and each serving run's bench-workers-N.json.
+`--dry-run` runs it on the CPU provider with tiny sizes and workers 1 and 2 (the test suite does).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import os
 import statistics
 import subprocess  # nosec B404  # runs pytest and the benchmark, fixed argument lists, never a shell
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -175,7 +180,7 @@ def algo_search(path: Path, x: np.ndarray, batches: list[int], repeats: int) -> 
     return out
 
 
-def agreement(card: dict, provider: str, data_dir: str | None, limit: int | None, out: Path) -> dict:
+def agreement(card: dict, model: Path, provider: str, data_dir: str | None, limit: int | None, out: Path) -> dict:
     """CUDA (or, dry, CPU) fp32 and fp16 against the CPU provider's fp32 on the test images."""
     from export.variants import run_batched
     from serving.imaging import as_uploads, normalize
@@ -186,9 +191,9 @@ def agreement(card: dict, provider: str, data_dir: str | None, limit: int | None
         images, labels = images[:limit], labels[:limit]
     labels = labels.numpy()
     contract = card["input_contract"]
-    variants = [v for v in ("fp32", "fp16") if (SHIPPED / f"model{'' if v == 'fp32' else '.' + v}.onnx").is_file()]
-    ref = session(SHIPPED / "model.onnx", CPU)
-    cand = {v: session(SHIPPED / ("model.onnx" if v == "fp32" else f"model.{v}.onnx"), provider) for v in variants}
+    variants = [v for v in ("fp32", "fp16") if (model / f"model{'' if v == 'fp32' else '.' + v}.onnx").is_file()]
+    ref = session(model / "model.onnx", CPU)
+    cand = {v: session(model / ("model.onnx" if v == "fp32" else f"model.{v}.onnx"), provider) for v in variants}
     logits = {k: [] for k in ["cpu-fp32", *variants]}
     for i in range(0, len(images), 500):
         x = normalize(as_uploads(images[i : i + 500].numpy(), contract["image_size"]), contract)
@@ -215,33 +220,39 @@ def agreement(card: dict, provider: str, data_dir: str | None, limit: int | None
 
 
 # docs/gpu.md "Serving on the GPU host": one worker, then 4 and 16 (the device's 16 cores), each
-# worker with its own CUDA session; fp16 where its gate ran on CUDA. The dry run: workers 1 and 2
-# on the CPU provider, int8, one short level.
-SERVE_PLAN = ((1, "fp32,fp16"), (4, "fp16"), (16, "fp16"))
-SERVE_PLAN_DRY = ((1, "int8"), (2, "int8"))
+# worker with its own CUDA session; fp16 where its gate ran on CUDA; the hand-written reference
+# beside the one-worker service. The dry run: workers 1 and 2 on the CPU provider, int8, short levels.
+SERVE_PLAN = ((1, "fp32,fp16", "service,reference"), (4, "fp16", "service"), (16, "fp16", "service"))
+SERVE_PLAN_DRY = ((1, "int8", "service,reference"), (2, "int8", "service"))
 
 
-def serve_with_workers(out: Path, workers: int, variants: str, data_dir: str | None, dry_run: bool) -> dict:
+def serve_with_workers(out: Path, workers: int, variants: str, servers: str, data_dir: str | None, dry_run: bool,
+                       timeout: float) -> dict:
     """`python -m bench` against `bentoml serve` with NIN_WORKERS=workers: img/s and p50 per level
-    and variant, and each worker's memory; bench.json/.md into out/workers-N."""
-    folder = out / f"workers-{workers}"
-    levels, duration = ("1,16", "1") if dry_run else ("1,64,256", "5")
-    cmd = [sys.executable, "-m", "bench", "--variants", variants, "--provider", "cpu" if dry_run else "cuda",
-           "--servers", "service", "--python-concurrency", levels, "--native-concurrency", "", "--duration", duration,
-           "--images", "32" if dry_run else "500", "--out", str(folder)] + (["--data-dir", data_dir] if data_dir else [])
-    t0 = time.monotonic()
-    b = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150 if dry_run else 240,  # nosec B603  # the benchmark under this interpreter, arguments from this file
-                       env={**os.environ, "NIN_WORKERS": str(workers)})
-    log(out, f"workers {workers}: rc {b.returncode} in {time.monotonic() - t0:.0f} s\n" + b.stdout[-3000:] + b.stderr[-2000:])
-    result: dict = {"rc": b.returncode, "seconds": round(time.monotonic() - t0, 1)}
-    try:
-        runs = json.loads((folder / "bench.json").read_text())["runs"]
-        result["levels"] = {name: {c: {k: r.get(k) for k in ("throughput_img_s", "p50", "p99", "peak_rss_mb", "gpu_mb",
-                                                            "server_cpu_ms_per_answer")}
-                                   for c, r in run["python"].items()} for name, run in runs.items()}
-    except (OSError, ValueError, KeyError) as e:
-        result["error"] = f"no bench.json: {e}"
-        result["rc"] = result["rc"] or 1
+    and variant, and each worker's memory; its bench.json into out/bench-workers-N.json."""
+    levels, duration = ("1,16", "1") if dry_run else ("1,64,256", "3")
+    with tempfile.TemporaryDirectory() as folder:
+        cmd = [sys.executable, "-m", "bench", "--variants", variants, "--provider", "cpu" if dry_run else "cuda",
+               "--servers", servers, "--python-concurrency", levels, "--native-concurrency", "", "--duration", duration,
+               "--images", "32" if dry_run else "500", "--out", folder] + (["--data-dir", data_dir] if data_dir else [])
+        t0 = time.monotonic()
+        try:
+            b = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,  # nosec B603  # the benchmark under this interpreter, arguments from this file
+                               env={**os.environ, "NIN_WORKERS": str(workers)})
+            rc, text = b.returncode, b.stdout[-3000:] + b.stderr[-2000:]
+        except subprocess.TimeoutExpired as e:
+            rc, text = 124, f"stopped at its limit of {timeout:.0f} s\n{(e.stdout or b'')[-3000:]!r}"
+        log(out, f"workers {workers}: rc {rc} in {time.monotonic() - t0:.0f} s\n{text}")
+        result: dict = {"rc": rc, "seconds": round(time.monotonic() - t0, 1), "servers": servers}
+        try:
+            bench = json.loads((Path(folder) / "bench.json").read_text())
+            (out / f"bench-workers-{workers}.json").write_text(json.dumps(bench, indent=1))
+            result["levels"] = {name: {c: {k: r.get(k) for k in ("throughput_img_s", "p50", "p99", "peak_rss_mb", "gpu_mb",
+                                                                "server_cpu_ms_per_answer")}
+                                       for c, r in run["python"].items()} for name, run in bench["runs"].items()}
+        except (OSError, ValueError, KeyError) as e:
+            result["error"] = f"no bench.json: {e}"
+            result["rc"] = result["rc"] or 1
     return result
 
 
@@ -249,26 +260,48 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Prove onnxruntime CUDA and bentoml serve on the GPU.")
     ap.add_argument("--out", required=True, help="output folder (files come back from there)")
     ap.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (default: search)")
+    ap.add_argument("--model", default=str(SHIPPED), help="exported model folder for the agreement check (default: the shipped one)")
+    ap.add_argument("--part", choices=["all", "cuda", "serve"], default="all",
+                    help="cuda: provider, tests, agreement, in-process runs; serve: bentoml serve by workers; all: both")
+    ap.add_argument("--budget-s", type=float, default=600.0, help="wall-clock budget; a step that would not fit is skipped and named")
     ap.add_argument("--dry-run", action="store_true", help="CPU provider, tiny sizes, workers 1 and 2")
-    ap.add_argument("--skip-bench", action="store_true", help="no bentoml serve benchmark")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+
+    def left() -> float:
+        return args.budget_s - (time.monotonic() - t0)
+
     import onnxruntime as ort
 
     from serving.engine import cuda_device_count
 
-    card = json.loads((SHIPPED / "card.json").read_text())
-    summary: dict = {"dry_run": args.dry_run, "onnxruntime": ort.__version__, "onnxruntime_file": ort.__file__,
+    model = Path(args.model)
+    card = json.loads((model / "card.json").read_text())
+    summary: dict = {"dry_run": args.dry_run, "part": args.part, "model": str(model), "budget_s": args.budget_s,
+                     "onnxruntime": ort.__version__, "onnxruntime_file": ort.__file__,
                      "available_providers": ort.get_available_providers(), "cuda_devices": cuda_device_count()}
     provider = CPU if args.dry_run else CUDA
-    rc, failed, step = 0, [], "environment"
+    rc, failed, skipped, step = 0, [], [], "environment"
+
+    def fits(name: str, need_s: float) -> bool:
+        if left() >= need_s:
+            return True
+        skipped.append(f"{name}: {left():.0f} s left, ~{need_s:.0f} s needed")
+        log(out, f"SKIPPED {skipped[-1]}")
+        return False
+
+    def save() -> None:  # after every step: a call killed at its limit still returns what is done
+        summary.update(rc=int(rc), failed_steps=failed, skipped_steps=skipped, wall_s=round(time.monotonic() - t0, 1))
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+
     try:
         if not args.dry_run:
             if CUDA not in ort.get_available_providers():
                 raise RuntimeError("this onnxruntime has no CUDA provider (PYTHONPATH=/tmp/site after assemble?)")
             ort.preload_dlls()  # CUDA 13 / cuDNN 9 from the machine's nvidia-* wheels (torch's)
-        s = session(SHIPPED / "model.onnx", provider)
+        s = session(model / "model.onnx", provider)
         summary["active_providers"] = s.get_providers()
         log(out, f"environment: {json.dumps(summary)}")
         if not args.dry_run:
@@ -278,57 +311,70 @@ def main(argv: list[str] | None = None) -> int:
                 summary["gpu"] = torch.cuda.get_device_name(0)
             except Exception as e:  # noqa: BLE001 - the name is a label, not a check
                 summary["gpu"] = f"unknown ({e})"
-            step = "cuda_ort tests"
-            t = subprocess.run([sys.executable, "-m", "pytest", "tests/test_gpu.py", "-m", "cuda_ort", "-q",  # nosec B603  # pytest under this interpreter, fixed arguments
-                                "-p", "no:cacheprovider", "-o", "addopts=-ra"], cwd=ROOT, capture_output=True, text=True,
-                               env={**os.environ, "NIN_EXPECT_GPU": "1",  # a skip is a failure there
-                                    **({"FASHION_MNIST_DIR": args.data_dir} if args.data_dir else {})}, timeout=300)
-            log(out, t.stdout[-3000:] + t.stderr[-2000:])
-            summary["cuda_ort_tests_rc"] = t.returncode
-            if t.returncode != 0:
-                rc, failed = 1, failed + ["cuda_ort tests"]
-        step = "agreement with the CPU provider"
-        summary["agreement"] = agreement(card, provider, args.data_dir, 64 if args.dry_run else None, out)
+        save()
+        if args.part in ("all", "cuda"):
+            if not args.dry_run and fits("cuda_ort tests", 30):
+                step = "cuda_ort tests"
+                t = subprocess.run([sys.executable, "-m", "pytest", "tests/test_gpu.py", "-m", "cuda_ort", "-q",  # nosec B603  # pytest under this interpreter, fixed arguments
+                                    "-p", "no:cacheprovider", "-o", "addopts=-ra"], cwd=ROOT, capture_output=True, text=True,
+                                   env={**os.environ, "NIN_EXPECT_GPU": "1",  # a skip is a failure there
+                                        **({"FASHION_MNIST_DIR": args.data_dir} if args.data_dir else {})},
+                                   timeout=max(left() - 5, 5))
+                log(out, t.stdout[-3000:] + t.stderr[-2000:])
+                summary["cuda_ort_tests_rc"] = t.returncode
+                if t.returncode != 0:
+                    rc, failed = 1, failed + ["cuda_ort tests"]
+                save()
+            if fits("agreement with the CPU provider", 20):
+                step = "agreement with the CPU provider"
+                summary["agreement"] = agreement(card, model, provider, args.data_dir, 64 if args.dry_run else None, out)
+                save()
 
-        from bench.images import real_test_pngs
-        from serving.imaging import to_contract
+            from bench.images import real_test_pngs
+            from serving.imaging import to_contract
 
-        pngs, _ = real_test_pngs(64, args.data_dir)
-        x_u8 = np.stack([np.asarray(to_contract(p, card["input_contract"], 10**8).image) for p in pngs])[:, None]
-        contract = card["input_contract"]
-        x = ((x_u8.astype(np.float32) * contract["scale"] - contract["mean"]) / contract["std"]).astype(np.float32)
-        batches, repeats = ([1, 2], 2) if args.dry_run else ([1, 2, 4, 8, 16, 32, 64, 128, 256], 20)
-        step = "in-process runs"
-        summary["in_process"] = {}
-        for v in ("fp32", "fp16"):
-            path = SHIPPED / ("model.onnx" if v == "fp32" else f"model.{v}.onnx")
-            if path.is_file():
-                summary["in_process"][v] = in_process(path, provider, x_u8, contract, batches, repeats)
-                log(out, f"in-process {v}: {json.dumps(summary['in_process'][v])}")
-        step = "batches in flight"
-        summary["in_flight"] = in_flight(SHIPPED / "model.onnx", provider, x, 2 if args.dry_run else 64,
-                                         0.5 if args.dry_run else 3.0)
-        log(out, f"in flight: {json.dumps(summary['in_flight'])}")
-        if not args.dry_run:
-            step = "cuDNN algorithm search"
-            summary["cudnn_conv_algo_search"] = algo_search(SHIPPED / "model.onnx", x, [1, 16, 64, 256], 10)
-            log(out, f"cudnn_conv_algo_search: {json.dumps(summary['cudnn_conv_algo_search'])}")
-        if not args.skip_bench:
+            pngs, _ = real_test_pngs(64, args.data_dir)
+            x_u8 = np.stack([np.asarray(to_contract(p, card["input_contract"], 10**8).image) for p in pngs])[:, None]
+            contract = card["input_contract"]
+            x = ((x_u8.astype(np.float32) * contract["scale"] - contract["mean"]) / contract["std"]).astype(np.float32)
+            batches, repeats = ([1, 2], 2) if args.dry_run else ([1, 2, 4, 8, 16, 32, 64, 128, 256], 20)
+            summary["in_process"] = {}
+            for v in ("fp32", "fp16"):
+                path = model / ("model.onnx" if v == "fp32" else f"model.{v}.onnx")
+                if path.is_file() and fits(f"in-process {v}", 15):
+                    step = f"in-process {v}"
+                    summary["in_process"][v] = in_process(path, provider, x_u8, contract, batches, repeats)
+                    log(out, f"in-process {v}: {json.dumps(summary['in_process'][v])}")
+                    save()
+            if fits("batches in flight", 15):
+                step = "batches in flight"
+                summary["in_flight"] = in_flight(model / "model.onnx", provider, x, 2 if args.dry_run else 64,
+                                                 0.5 if args.dry_run else 2.0)
+                log(out, f"in flight: {json.dumps(summary['in_flight'])}")
+                save()
+            if not args.dry_run and fits("cuDNN algorithm search", 20):
+                step = "cuDNN algorithm search"
+                summary["cudnn_conv_algo_search"] = algo_search(model / "model.onnx", x, [1, 16, 64, 256], 10)
+                log(out, f"cudnn_conv_algo_search: {json.dumps(summary['cudnn_conv_algo_search'])}")
+                save()
+        if args.part in ("all", "serve"):
             summary["serve_by_workers"] = {}
-            for n, variants in (SERVE_PLAN_DRY if args.dry_run else SERVE_PLAN):
+            plan = SERVE_PLAN_DRY if args.dry_run else SERVE_PLAN
+            for i, (n, variants, servers) in enumerate(plan):
                 step = f"bentoml serve with {n} workers"
-                result = serve_with_workers(out, n, variants, args.data_dir, args.dry_run)
+                share = left() / (len(plan) - i)  # what is left, shared by the runs still to come
+                if not fits(step, 20):
+                    continue
+                result = serve_with_workers(out, n, variants, servers, args.data_dir, args.dry_run, timeout=share)
                 summary["serve_by_workers"][str(n)] = result
                 if result["rc"] != 0:
                     rc, failed = 1, failed + [step]
-                (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))  # kept if killed later
+                save()
     except Exception as e:  # noqa: BLE001 - said in the summary, and the exit status
         rc, failed = 1, failed + [f"{step}: {type(e).__name__}: {str(e)[:300]}"]
         log(out, f"FAILED at {step}: {type(e).__name__}: {e}")
     finally:
-        summary["rc"] = int(rc)
-        summary["failed_steps"] = failed
-        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        save()
     return int(rc)
 
 

@@ -1,9 +1,11 @@
-"""scripts/gpu_parts.py on small stand-ins: onnxruntime-gpu's wheel cut into parts, received one
-part per call, checked, joined and installed, as on the GPU machine (no network needed)."""
+"""scripts/gpu_parts.py on small stand-ins: onnxruntime-gpu's CUDA library pruned to its sm_90
+code, the wheel cut into parts, received one part per call, checked, joined and installed, as on
+the GPU machine (no network needed)."""
 
 import importlib.util
 import json
 import os
+import struct
 import zipfile
 from pathlib import Path
 
@@ -13,6 +15,60 @@ ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("gpu_parts", ROOT / "scripts" / "gpu_parts.py")
 gpu_parts = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_parts)
+
+
+def fatbin(entries: list[tuple[int, bytes]]) -> bytes:
+    """A fat binary container: header, then per (arch, payload) an entry header and its payload."""
+    body = b""
+    for arch, payload in entries:
+        header = gpu_parts.FATBIN_ENTRY.pack(2, 0x101, 64, len(payload), 0, 0, 0, 1, arch).ljust(64, b"\0")
+        body += header + payload
+    return struct.pack("<IHHQ", gpu_parts.FATBIN_MAGIC, 1, 16, len(body)) + body
+
+
+def elf_with(sections: dict[str, bytes]) -> bytes:
+    """An ELF64 file holding `sections` and a section-name table, nothing else."""
+    names = b"\0" + b"".join(n.encode() + b"\0" for n in [*sections, ".shstrtab"])
+    data, offsets = b"", {}
+    for n, body in [*sections.items(), (".shstrtab", names)]:
+        offsets[n] = (64 + len(data), len(body))
+        data += body
+    shoff = 64 + len(data)
+    headers = bytes(64)  # the null section
+    for n, (off, size) in offsets.items():
+        headers += struct.pack("<IIQQQQIIQQ", names.index(n.encode() + b"\0"), 1, 0, 0, off, size, 0, 0, 1, 0)
+    ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    head = ident + struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, len(offsets) + 1, len(offsets))
+    return head + data + headers
+
+
+def test_prune_fatbin_keeps_the_sm90_entry_alone_where_it_was():
+    a75, a90, a120, lone = b"7" * 40, b"9" * 56, b"C" * 24, b"L" * 32
+    first, second = fatbin([(75, a75), (90, a90), (120, a120)]), fatbin([(120, lone)])
+    elf = bytearray(elf_with({".text": b"T" * 100, ".nv_fatbin": first + second}))
+    before = bytes(elf)
+    stats = gpu_parts.prune_fatbin(elf)
+    assert len(elf) == len(before) and stats["containers"] == 2 and stats["pruned"] == 1 and stats["kept_whole"] == 1
+    off, size = gpu_parts.elf_section(elf, ".nv_fatbin")
+    assert elf[:off] == before[:off]  # .text untouched
+    got = bytes(elf[off : off + size])
+    magic, _, header, fat = struct.unpack_from("<IHHQ", got, 0)
+    assert magic == gpu_parts.FATBIN_MAGIC and fat == 64 + len(a90)  # only the sm_90 entry is left in it...
+    assert got[16 : 16 + 64] == first[16 + 2 * 64 + len(a75) - 64 : 16 + 2 * 64 + len(a75)]  # ...its header, moved up
+    assert got[16 + 64 : 16 + 64 + len(a90)] == a90
+    assert got[16 + fat : len(first)] == bytes(len(first) - 16 - fat)  # the other GPUs' code is zeros
+    assert got[len(first) :] == second  # a container without sm_90 code stays whole
+    assert stats["kept_bytes"] == 64 + len(a90) and stats["dropped_bytes"] == len(first) - 16 - fat
+
+
+def test_prune_fatbin_refuses_what_is_not_a_fat_binary():
+    elf = bytearray(elf_with({".nv_fatbin": b"\x01" * 32}))
+    try:
+        gpu_parts.prune_fatbin(elf)
+    except ValueError as e:
+        assert "no fat binary" in str(e)
+    else:
+        raise AssertionError("a damaged .nv_fatbin was pruned")
 
 
 def fake_ort_wheel(path: Path, lib: bytes) -> Path:
@@ -35,7 +91,7 @@ def tiny_wheel(folder: Path) -> Path:
 
 @pytest.fixture
 def parts(tmp_path):
-    lib = os.urandom(150_000) + bytes(150_000)  # compresses a little, like the real one
+    lib = elf_with({".text": os.urandom(150_000), ".nv_fatbin": fatbin([(80, os.urandom(60_000)), (90, os.urandom(90_000))])})
     wheel = fake_ort_wheel(tmp_path / "onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl", lib)
     work = tmp_path / "work"
     work.mkdir()
@@ -59,6 +115,8 @@ def test_parts_fit_their_size_and_the_manifest_travels_in_each(parts):
 
 def test_receive_each_part_then_assemble_installs_the_library_and_wheels(parts, capsys):
     tmp, manifest, lib = parts
+    pruned = bytearray(lib)
+    gpu_parts.prune_fatbin(pruned)
     store, site = tmp / "store", tmp / "site"
     folders = sorted((tmp / "parts").iterdir())
     assert gpu_parts.main(["receive", str(folders[0]), "--store", str(store)]) == 0
@@ -68,7 +126,7 @@ def test_receive_each_part_then_assemble_installs_the_library_and_wheels(parts, 
         assert gpu_parts.main(["receive", str(d), "--store", str(store)]) == 0
     assert "complete" in capsys.readouterr().out
     assert gpu_parts.main(["assemble", "--store", str(store), "--site", str(site)]) == 0
-    assert (site / gpu_parts.BIG_LIB).read_bytes() == lib
+    assert (site / gpu_parts.BIG_LIB).read_bytes() == pruned != lib  # the library as pruned here, no other GPU's code
     assert (site / "onnxruntime" / "__init__.py").is_file() and (site / "tiny_pkg" / "__init__.py").is_file()
 
 

@@ -80,7 +80,9 @@ def test_gpu_serve_proof_dry_run_on_the_cpu_provider(tmp_path):
         assert run["rc"] == 0, run
         levels = run["levels"]["service-int8"]
         assert set(levels) == {"1", "16"} and all(r["throughput_img_s"] > 0 for r in levels.values())
-        assert (out / f"workers-{n}" / "bench.json").is_file()
+        assert json.loads((out / f"bench-workers-{n}.json").read_text())["runs"]
+    assert set(s["serve_by_workers"]["1"]["levels"]) == {"service-int8", "reference-int8"}  # the hand-written one beside it
+    assert s["skipped_steps"] == [] and len(list(out.iterdir())) <= 8
 
 
 def test_uint8_input_graph_gives_the_same_logits(tmp_path):
@@ -137,7 +139,20 @@ def test_gpu_serve_proof_names_the_step_that_failed(tmp_path, monkeypatch):
         raise RuntimeError("cuDNN said no")
 
     monkeypatch.setattr(gsp, "agreement", broken)
-    assert gsp.main(["--out", str(tmp_path), "--dry-run", "--skip-bench"]) == 1
+    assert gsp.main(["--out", str(tmp_path), "--dry-run", "--part", "cuda"]) == 1
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["rc"] == 1 and s["failed_steps"] == ["agreement with the CPU provider: RuntimeError: cuDNN said no"]
     assert "FAILED at agreement with the CPU provider" in (tmp_path / "serve-proof.log").read_text()
+
+
+def test_gpu_serve_proof_skips_and_names_what_its_budget_leaves_out(tmp_path):
+    """With no time left every step is skipped, named, and nothing runs past the budget."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gsp_budget", ROOT / "scripts" / "gpu_serve_proof.py")
+    gsp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gsp)
+    assert gsp.main(["--out", str(tmp_path), "--dry-run", "--part", "serve", "--budget-s", "1"]) == 0
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert [x.split(":")[0] for x in s["skipped_steps"]] == ["bentoml serve with 1 workers", "bentoml serve with 2 workers"]
+    assert s["serve_by_workers"] == {}
