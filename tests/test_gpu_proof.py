@@ -122,7 +122,9 @@ def test_a_step_past_its_limit_is_stopped_and_recorded_not_raised(tmp_path):
     spec.loader.exec_module(gpu_proof)
     p = gpu_proof.Proof(tmp_path, budget_s=60, dry_run=True)
     code = "import sys, time; print('partial', flush=True); print('to the log', file=sys.stderr, flush=True); time.sleep(60)"
-    r = p.run("slow", [sys.executable, "-c", code], timeout=2, output=tmp_path / "slow.txt")
+    ticks = []
+    r = p.run("slow", [sys.executable, "-c", code], timeout=2, output=tmp_path / "slow.txt", every_5s=lambda: ticks.append(1))
+    assert ticks == [1]  # what it copies into OUT while a step runs ran, at the limit too
     assert r["timed_out"] and r["rc"] != 0 and r["seconds"] < 30 and p.summary["stages"]["slow"] == r
     assert (tmp_path / "slow.txt").read_text() == "partial\n" and "to the log" in (tmp_path / "proof.log").read_text()
 
