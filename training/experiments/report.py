@@ -418,6 +418,47 @@ def section_floor(out: Path) -> list[str]:
     return lines
 
 
+# Full-protocol runs of the textbook recipe (10 epochs at 224, all 60,000 images), made by
+# `python -m training --preset d2l` outside the grid: their metrics.csv, committed under runs/.
+ROOT = Path(__file__).resolve().parents[2]
+PROTOCOL_RUNS = (ROOT / "runs" / "d2l224", ROOT / "runs" / "d2l224-fp32")
+READERS = "0.84-0.86"  # test accuracy after 10 epochs that the book's readers report on GPUs
+
+
+def section_protocol(runs: tuple[Path, ...] = PROTOCOL_RUNS) -> list[str]:
+    done = {}
+    for run in runs:
+        if (run / "metrics.csv").is_file():
+            with open(run / "metrics.csv") as f:
+                done[run] = list(csv.DictReader(f))
+    if not done:
+        return []
+    lines = ["## The textbook's recipe at its own protocol: 10 epochs at 224 on all 60,000 images", "",
+             "Made by `python -m training --preset d2l` (plain SGD at lr 0.1, batch 128, Xavier, no BatchNorm), "
+             "every epoch evaluated on all 10,000 test images; " + "; ".join(
+                 f"`runs/{run.name}`: {rows[0]['hardware']}, {rows[0].get('amp') or 'float32'}" for run, rows in done.items()) + ".", "",
+             "| epoch | " + " | ".join(f"{run.name}: train loss / test loss / test acc" for run in done) + " |",
+             "|---|" + "---|" * len(done)]
+    for e in range(max(len(rows) for rows in done.values())):
+        cells = [f"{float(r[e]['train_loss']):.4f} / {float(r[e]['test_loss']):.4f} / {float(r[e]['test_acc']):.4f}"
+                 if e < len(r) else "" for r in done.values()]
+        lines.append(f"| {e + 1} | " + " | ".join(cells) + " |")
+    answers = []
+    for run, rows in done.items():
+        accs = [float(r["test_acc"]) for r in rows]
+        at_ln10 = [i + 1 for i, r in enumerate(rows) if abs(float(r["test_loss"]) - LN10) < 1e-3]
+        best_i = max(range(len(accs)), key=accs.__getitem__)
+        dead_from = next((e for e in at_ln10 if e > best_i + 1 and set(range(e, len(rows) + 1)) <= set(at_ln10)), None)
+        text = (f"`{run.name}` ({len(rows)} of 10 epochs): best {accs[best_i]:.4f} at epoch {best_i + 1}, last {accs[-1]:.4f}; "
+                f"test loss at ln 10 (every image one class) in epochs {', '.join(map(str, at_ln10)) or 'none'}")
+        if dead_from:
+            text += f": it learned, then collapsed back to ln 10 in epoch {dead_from} and stayed there"
+        answers.append(text + ".")
+    lines += ["", f"**Answer.** Readers report {READERS} after 10 epochs. " + " ".join(answers)
+              + " Why it collapses and stays, and what avoids it: docs/training.md.", ""]
+    return lines
+
+
 def write_report(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     records = load_records(out)
@@ -444,6 +485,7 @@ def write_report(out: Path) -> Path:
         folder = out / name
         for section in (section_one_by_one, section_head, section_lr):
             lines += section(rec, folder, name)
+    lines += section_protocol()
     lines += section_floor(out)
     path = out / "README.md"
     atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines)))
