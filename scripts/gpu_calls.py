@@ -108,10 +108,15 @@ class Scratch:
         self.run.mkdir(parents=True, exist_ok=True)
 
 
-def keep_data(s: Scratch) -> None:
+def keep_data(s: Scratch) -> dict:
+    """The carried Fashion-MNIST into the scratch folder, for calls 2 and 3 (which do not carry it)."""
+    files = sorted((ROOT / ".gpu" / "data").glob("*-ubyte.gz"))
+    if len(files) != 4:
+        raise FileNotFoundError(f"expected the 4 Fashion-MNIST .gz files in .gpu/data, found {len(files)}")
     s.data.mkdir(parents=True, exist_ok=True)
-    for f in (ROOT / ".gpu" / "data").glob("*.gz"):
+    for f in files:
         shutil.copy(f, s.data / f.name)
+    return {"ok": True, "files": [f.name for f in files]}
 
 
 def nvidia_lib_dirs() -> list[str]:

@@ -67,3 +67,10 @@ def test_what_comes_back_is_checked_against_the_devices_limits(tmp_path):
     (tmp_path / "a" / "b" / "c" / "deep").write_text("x")
     problems = gpu_calls.check_returned(tmp_path)
     assert any("10 files" in x for x in problems) and any("too deep" in x for x in problems)
+
+
+def test_keeping_the_data_fails_loudly_when_it_was_not_carried(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_calls, "ROOT", tmp_path)
+    p = gpu_calls.Proof(tmp_path, 30, True, name="call")
+    assert not gpu_calls.python_step(p, "keep the data", lambda: gpu_calls.keep_data(gpu_calls.Scratch(tmp_path / "s")))
+    assert p.summary["failed_steps"] == ["keep the data"] and "found 0" in p.summary["stages"]["keep the data"]["detail"]
