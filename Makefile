@@ -62,10 +62,10 @@ container: $(STAMP)
 container-run:
 	bash scripts/container.sh run $(PORT)
 
-# The GPU half, proven in one prepared run on the GPU machine (scripts/gpu_proof.py; docs/gpu.md):
-#   make gpu-proof OUT=folder DATA=folder-with-the-4-idx-files [STAGE=grid]   on the GPU
+# The training half of the GPU proof (scripts/gpu_proof.py), on any machine with make; on the GPU
+# machine the four calls of scripts/gpu_calls.py run it (docs/gpu.md "The plan"):
+#   make gpu-proof OUT=folder DATA=folder-with-the-4-idx-files [STAGE=strong|d2l|grid]
 #   make gpu-proof OUT=/tmp/proof DRY=1                                        CPU dry run (the tests run it)
-# No venv there: the GPU machine's python3 has torch; here the venv's python is used.
 GPU_PY = $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 OUT ?= gpu-proof-out
 gpu-proof:
