@@ -49,13 +49,13 @@ class Call:
 
 
 CALLS = {
-    1: Call((".gpu/data", ".gpu/parts/01"), 240,
+    1: Call((".gpu/data", ".gpu/parts/01"), 210,
             "receive part 01; keep the data; GPU tests, profile, training memory; `--preset strong` to 0.93"),
     2: Call((".gpu/parts/02",), 120, "receive part 02; `--preset d2l`, the textbook's 10 epochs at 224"),
     3: Call((".gpu/parts/03",), 140,
             "receive part 03; assemble; the CUDA library's links; export the GPU-trained checkpoint "
             "(parity, fp16 gated on CUDA); CUDA against the CPU provider; in process at batch 1...256"),
-    4: Call((), 100, "`bentoml serve` on CUDA with 1, 4 and 16 workers, the hand-written reference beside it"),
+    4: Call((), 105, "`bentoml serve` on CUDA with 1, 4 and 16 workers (fp16), the hand-written reference beside the first"),
 }
 CUDA_LIB = "onnxruntime/capi/libonnxruntime_providers_cuda.so"
 

@@ -222,15 +222,16 @@ def agreement(card: dict, model: Path, provider: str, data_dir: str | None, limi
 # docs/gpu.md "Serving on the GPU host": one worker, then 4 and 16 (the device's 16 cores), each
 # worker with its own CUDA session; fp16 where its gate ran on CUDA; the hand-written reference
 # beside the one-worker service. The dry run: workers 1 and 2 on the CPU provider, int8, short levels.
-SERVE_PLAN = ((1, "fp32,fp16", "service,reference"), (4, "fp16", "service"), (16, "fp16", "service"))
-SERVE_PLAN_DRY = ((1, "int8", "service,reference"), (2, "int8", "service"))
+# The last number is the run's share of the time left: two servers take twice one's.
+SERVE_PLAN = ((1, "fp16", "service,reference", 2), (4, "fp16", "service", 1), (16, "fp16", "service", 1))
+SERVE_PLAN_DRY = ((1, "int8", "service,reference", 2), (2, "int8", "service", 1))
 
 
 def serve_with_workers(out: Path, workers: int, variants: str, servers: str, data_dir: str | None, dry_run: bool,
                        timeout: float) -> dict:
     """`python -m bench` against `bentoml serve` with NIN_WORKERS=workers: img/s and p50 per level
     and variant, and each worker's memory; its bench.json into out/bench-workers-N.json."""
-    levels, duration = ("1,16", "1") if dry_run else ("1,64,256", "3")
+    levels, duration = ("1,16", "1") if dry_run else ("1,64,256", "2")
     with tempfile.TemporaryDirectory() as folder:
         cmd = [sys.executable, "-m", "bench", "--variants", variants, "--provider", "cpu" if dry_run else "cuda",
                "--servers", servers, "--python-concurrency", levels, "--native-concurrency", "", "--duration", duration,
@@ -360,9 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.part in ("all", "serve"):
             summary["serve_by_workers"] = {}
             plan = SERVE_PLAN_DRY if args.dry_run else SERVE_PLAN
-            for i, (n, variants, servers) in enumerate(plan):
+            for i, (n, variants, servers, weight) in enumerate(plan):
                 step = f"bentoml serve with {n} workers"
-                share = left() / (len(plan) - i)  # what is left, shared by the runs still to come
+                share = left() * weight / sum(w for *_, w in plan[i:])  # what is left, by the runs still to come
                 if not fits(step, 20):
                     continue
                 result = serve_with_workers(out, n, variants, servers, args.data_dir, args.dry_run, timeout=share)
