@@ -191,7 +191,8 @@ def test_the_protocol_section_reads_the_full_runs_and_names_a_collapse(tmp_path)
             f"{i + 1},{tr},0.5,224,{te},{acc},2-core CPU,bfloat16\n" for i, (tr, te, acc) in enumerate(rows)))
     text = "\n".join(section_protocol((tmp_path / "dead", tmp_path / "back", tmp_path / "never-ran")))
     assert "| 4 | 2.3026 / 2.3026 / 0.1000 |  |" in text and "| 3 | 1.9000 / 2.3026 / 0.1000 | 1.2000 / 0.9000 / 0.7100 |" in text
-    assert "`dead` (4 of 10 epochs): best 0.4500 at epoch 2, last 0.1000" in text
+    assert "`dead` (4 of 10 epochs): epoch 1's mean train loss 2.2500 against ln 10 = 2.3026" in text
+    assert "best 0.4500 at epoch 2, last 0.1000" in text
     assert "collapsed back to ln 10 in epoch 3 and stayed there" in text
-    assert "`back` (3 of 10 epochs): best 0.7100 at epoch 3" in text and text.count("collapsed") == 1
+    assert "best 0.7100 at epoch 3" in text and text.count("collapsed") == 1
     assert section_protocol((tmp_path / "never-ran",)) == []
