@@ -132,6 +132,20 @@ def test_resume_continues_to_the_same_state_as_an_uninterrupted_run(tiny_data, t
 
 
 @pytest.mark.slow  # a training subprocess
+def test_resume_keeps_the_runs_number_format_unless_told_otherwise(tiny_data, tmp_path):
+    """An `--amp off` run resumed without --amp stays fp32 (it once went on in bf16 on a bf16 CPU);
+    naming --amp on the resume still changes it."""
+    out = tmp_path / "run"
+    assert run_cli("--data-dir", str(tiny_data), "--out", str(out), "--max-steps", "1", "--amp", "off", *FAST).returncode == 0
+    r = run_cli("--data-dir", str(tiny_data), "--out", str(out), "--max-steps", "2", "--resume", *FAST)
+    assert r.returncode == 0, r.stderr
+    assert "autocast None" in r.stderr and load_checkpoint(out / "last.pt")["args"]["amp"] == "off"
+    r = run_cli("--data-dir", str(tiny_data), "--out", str(out), "--max-steps", "3", "--resume", "--amp", "bf16", *FAST)
+    assert r.returncode == 0, r.stderr
+    assert "autocast torch.bfloat16" in r.stderr and load_checkpoint(out / "last.pt")["args"]["amp"] == "bf16"
+
+
+@pytest.mark.slow  # a training subprocess
 def test_init_from_fine_tunes_from_a_checkpoint(tiny_data, tmp_path):
     first = run_cli("--data-dir", str(tiny_data), "--out", str(tmp_path / "a"), "--max-steps", "2", *FAST)
     assert first.returncode == 0, first.stderr

@@ -31,6 +31,9 @@ RUNTIME_ARGS = {
     "device", "amp", "channels_last", "compile", "data_dir", "out", "resume", "max_steps",
     "eval_limit", "checkpoint_every", "lr_find", "lr_find_steps", "target_acc",
 }
+# Of those, the ones that change the arithmetic stay as the run began unless the resuming command
+# names them: an `--amp off` run resumed with no --amp once went on in bf16 on a bf16 CPU.
+KEPT_ON_RESUME = {"amp", "channels_last", "compile"}
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -162,9 +165,9 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     ckpt = load_checkpoint(out / "last.pt") if args.resume else None
     if ckpt is not None:
-        saved = ckpt["args"]
-        for k, v in saved.items():
-            if k not in RUNTIME_ARGS:
+        defaults = get_args_parser().parse_args([])
+        for k, v in ckpt["args"].items():
+            if k not in RUNTIME_ARGS or (k in KEPT_ON_RESUME and getattr(args, k) == getattr(defaults, k)):
                 setattr(args, k, v)
     rt = make_runtime(args.device, args.amp, args.channels_last)
     torch.manual_seed(args.seed)
