@@ -155,7 +155,7 @@ def test_bench_measures_the_running_service(server, served_model, tmp_path):
 
 
 def test_past_the_bound_503_with_retry_after_below_it_all_200(served_model):
-    """NIN_MAX_QUEUE=4 in each of two workers: 24 requests at once get 200 or an immediate 503
+    """NIN_MAX_QUEUE=4 in each of two workers: 48 requests at once get 200 or an immediate 503
     with Retry-After and a JSON body, counted in a metric summed over the workers; 4 at once all
     get 200."""
     import asyncio
@@ -193,9 +193,16 @@ def test_past_the_bound_503_with_retry_after_below_it_all_200(served_model):
                 sock.close()
         for _ in range(3):
             assert all(r.status_code == 200 for r in asyncio.run(burst(4)))
-        answers = asyncio.run(burst(24))
+        # a burst overflows the bound only if its requests overlap in the server, which a busy
+        # 2-core machine can spread out (a full CI run once saw 24 at once all answered 200):
+        # up to five bursts of 48, and at least one must be refused in part
+        answers, refused = [], []
+        for _ in range(5):
+            answers += asyncio.run(burst(48))
+            refused = [r for r in answers if r.status_code == 503]
+            if refused:
+                break
         codes = sorted({r.status_code for r in answers})
-        refused = [r for r in answers if r.status_code == 503]
         assert set(codes) <= {200, 503} and refused and 200 in codes, codes
         for r in refused:
             assert r.json()["error"] == "overloaded" and int(r.headers["Retry-After"]) >= 1
