@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from gpu_proof import MAX_OUT_BYTES, MAX_OUT_FILES, Proof  # noqa: E402
+from gpu_proof import Proof, check_returned  # noqa: E402
 
 TRANSFER_LIMIT = 64 * 2**20
 STARTUP_S = 120  # the device README: "a minute or more" to start; counted at two
@@ -226,15 +226,6 @@ def run_call(n: int, out: Path, scratch: Path, dry_run: bool) -> int:
     p.say(f"call {n}: {'failed: ' + ', '.join(failed) if failed else 'every step passed'}; "
           f"{p.left():.0f} s of {call.budget_s} s left")
     return 1 if failed else 0
-
-
-def check_returned(out: Path) -> list[str]:
-    """What the device would not bring back: more than 8 files, over 16 MiB, over 2 folders down."""
-    files = [f for f in out.rglob("*") if f.is_file()]
-    problems = [f"{len(files)} files (at most {MAX_OUT_FILES})"] if len(files) > MAX_OUT_FILES else []
-    problems += [f"{f.relative_to(out)}: over 16 MiB" for f in files if f.stat().st_size > MAX_OUT_BYTES]
-    problems += [f"{f.relative_to(out)}: too deep" for f in files if len(f.relative_to(out).parts) > 3]
-    return problems
 
 
 def rehearse(python: str, keep: Path | None) -> int:

@@ -17,7 +17,6 @@ call number is read from its call.json). This puts the figures in place:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import shutil
@@ -26,6 +25,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from gpu_parts import sha256  # noqa: E402
+
 START, END = "<!-- gpu-results:start", "<!-- gpu-results:end -->"
 SHIPPED = Path("models") / "nin-fashion-mnist"
 
@@ -136,10 +139,6 @@ def readme_accuracy(card: dict, gpu: str) -> str:
         *([f"| fp16 `model.fp16.onnx` | {v['fp16']['accuracy']:.4f} | GPU, once its gate ran on CUDA |"] if "fp16" in v else []),
         "", f"Trained on one {gpu} (`--preset strong` from scratch): [docs/gpu.md](docs/gpu.md).",
     ])
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def bring_home(folders: list[Path], root: Path, export: bool = True) -> int:

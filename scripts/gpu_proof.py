@@ -274,11 +274,18 @@ def stage_grid(p: Proof, data_dir: str | None) -> int:
     return res["rc"]
 
 
-def check_out(out: Path) -> None:
+def check_returned(out: Path) -> list[str]:
+    """What the device would not bring back: more than 8 files, over 16 MiB, over 2 folders down."""
     files = [f for f in out.rglob("*") if f.is_file()]
-    big = [f.name for f in files if f.stat().st_size > MAX_OUT_BYTES]
-    if len(files) > MAX_OUT_FILES or big:
-        raise SystemExit(f"error: OUT holds {len(files)} files (max {MAX_OUT_FILES}); over 16 MiB: {big}")
+    problems = [f"{len(files)} files (at most {MAX_OUT_FILES})"] if len(files) > MAX_OUT_FILES else []
+    problems += [f"{f.relative_to(out)}: over 16 MiB" for f in files if f.stat().st_size > MAX_OUT_BYTES]
+    problems += [f"{f.relative_to(out)}: too deep" for f in files if len(f.relative_to(out).parts) > 3]
+    return problems
+
+
+def check_out(out: Path) -> None:
+    if problems := check_returned(out):
+        raise SystemExit(f"error: OUT would not come back whole: {'; '.join(problems)}")
 
 
 def main(argv: list[str] | None = None) -> int:
