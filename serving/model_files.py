@@ -14,7 +14,7 @@ CARD = "card.json"
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 # The shipped folder in BentoML's model store, version = its card's sha256 (store_version); the
 # service declares it, `make serve` imports it, tests/test_shipped_model.py ties it to the card.
-SHIPPED_TAG = f"{MODEL_NAME}:aa8ccbfdfb56ee65"
+SHIPPED_TAG = f"{MODEL_NAME}:8f39e17edd674bd7"
 
 
 class ModelLoadError(RuntimeError):

@@ -15,9 +15,9 @@ from tests.conftest import REAL_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "nin-fashion-mnist"
-# The card (fp32, all 10,000 test images): 0.9275 for the model shipped on 2026-12-01 (CPU: 5 epochs
-# at 112 px, then 9 at 224 px in five runs). A re-shipped model must not fall below 0.925.
-MIN_ACCURACY = 0.925
+# The card (fp32, all 10,000 test images): 0.9337 for the model shipped on 2026-12-01 (CPU: 5 epochs
+# at 112 px, then 15 at 224 px in seven runs). A re-shipped model must not fall below 0.93.
+MIN_ACCURACY = 0.93
 pytestmark = [pytest.mark.integration, pytest.mark.slow, REAL_DATA,
               pytest.mark.skipif(not (SHIPPED / "card.json").is_file(), reason="no shipped model yet")]
 
