@@ -196,3 +196,13 @@ def test_the_protocol_section_reads_the_full_runs_and_names_a_collapse(tmp_path)
     assert "collapsed back to ln 10 in epoch 3 and stayed there" in text
     assert "best 0.7100 at epoch 3" in text and text.count("collapsed") == 1
     assert section_protocol((tmp_path / "never-ran",)) == []
+
+
+def test_the_protocol_section_names_each_epochs_number_format():
+    """A run resumed in another format (the d2l fork: bf16 for epochs 1-3, then fp32) says so;
+    fp32 epochs are recorded with amp None."""
+    from training.experiments.report import number_formats
+
+    assert number_formats([{"amp": "bfloat16"}] * 2) == "bfloat16"
+    assert number_formats([{"amp": "None"}, {"amp": ""}]) == "float32"
+    assert number_formats([{"amp": "bfloat16"}] * 3 + [{"amp": "None"}] * 2) == "bfloat16 in epochs 1-3, float32 in 4-5"

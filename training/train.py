@@ -32,7 +32,8 @@ RUNTIME_ARGS = {
     "eval_limit", "checkpoint_every", "lr_find", "lr_find_steps", "target_acc",
 }
 # Of those, the ones that change the arithmetic stay as the run began unless the resuming command
-# names them: an `--amp off` run resumed with no --amp once went on in bf16 on a bf16 CPU.
+# gives them a value other than the default: an `--amp off` run resumed with no --amp once went on
+# in bf16 on a bf16 CPU.
 KEPT_ON_RESUME = {"amp", "channels_last", "compile"}
 
 

@@ -421,8 +421,24 @@ def section_floor(out: Path) -> list[str]:
 # Full-protocol runs of the textbook recipe (10 epochs at 224, all 60,000 images), made by
 # `python -m training --preset d2l` outside the grid: their metrics.csv, committed under runs/.
 ROOT = Path(__file__).resolve().parents[2]
-PROTOCOL_RUNS = (ROOT / "runs" / "d2l224", ROOT / "runs" / "d2l224-fp32")
+# d2l224-fp32-from3: d2l224 resumed from its epoch-3 checkpoint in fp32 (epochs 1-3 are the bf16 run's)
+PROTOCOL_RUNS = (ROOT / "runs" / "d2l224", ROOT / "runs" / "d2l224-fp32-from3")
 READERS = "0.84-0.86"  # test accuracy after 10 epochs that the book's readers report on GPUs
+
+
+def number_formats(rows: list[dict]) -> str:
+    """Each epoch's autocast dtype, as spans: "bfloat16" or "bfloat16 in epochs 1-3, float32 in 4-5"."""
+    spans: list[list] = []
+    for e, r in enumerate(rows, 1):
+        amp = r.get("amp") if r.get("amp") not in (None, "", "None") else "float32"
+        if spans and spans[-1][0] == amp:
+            spans[-1][2] = e
+        else:
+            spans.append([amp, e, e])
+    if len(spans) == 1:
+        return spans[0][0]
+    return ", ".join(f"{amp} in {'epochs ' if i == 0 else ''}{a}" + (f"-{b}" if b > a else "")
+                     for i, (amp, a, b) in enumerate(spans))
 
 
 def section_protocol(runs: tuple[Path, ...] = PROTOCOL_RUNS) -> list[str]:
@@ -436,7 +452,7 @@ def section_protocol(runs: tuple[Path, ...] = PROTOCOL_RUNS) -> list[str]:
     lines = ["## The textbook's recipe at its own protocol: 10 epochs at 224 on all 60,000 images", "",
              "Made by `python -m training --preset d2l` (plain SGD at lr 0.1, batch 128, Xavier, no BatchNorm), "
              "every epoch evaluated on all 10,000 test images; " + "; ".join(
-                 f"`runs/{run.name}`: {rows[0]['hardware']}, {rows[0].get('amp') or 'float32'}" for run, rows in done.items()) + ".", "",
+                 f"`runs/{run.name}`: {rows[0]['hardware']}, {number_formats(rows)}" for run, rows in done.items()) + ".", "",
              "| epoch | " + " | ".join(f"{run.name}: train loss / test loss / test acc" for run in done) + " |",
              "|---|" + "---|" * len(done)]
     for e in range(max(len(rows) for rows in done.values())):
