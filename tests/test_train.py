@@ -134,7 +134,7 @@ def test_resume_continues_to_the_same_state_as_an_uninterrupted_run(tiny_data, t
 @pytest.mark.slow  # a training subprocess
 def test_resume_keeps_the_runs_number_format_unless_told_otherwise(tiny_data, tmp_path):
     """An `--amp off` run resumed without --amp stays fp32 (it once went on in bf16 on a bf16 CPU);
-    naming --amp on the resume still changes it."""
+    naming --amp on the resume changes it, even to the default."""
     out = tmp_path / "run"
     assert run_cli("--data-dir", str(tiny_data), "--out", str(out), "--max-steps", "1", "--amp", "off", *FAST).returncode == 0
     r = run_cli("--data-dir", str(tiny_data), "--out", str(out), "--max-steps", "2", "--resume", *FAST)
@@ -143,6 +143,9 @@ def test_resume_keeps_the_runs_number_format_unless_told_otherwise(tiny_data, tm
     r = run_cli("--data-dir", str(tiny_data), "--out", str(out), "--max-steps", "3", "--resume", "--amp", "bf16", *FAST)
     assert r.returncode == 0, r.stderr
     assert "autocast torch.bfloat16" in r.stderr and load_checkpoint(out / "last.pt")["args"]["amp"] == "bf16"
+    r = run_cli("--data-dir", str(tiny_data), "--out", str(out), "--max-steps", "4", "--resume", "--amp", "auto", *FAST)
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(out / "last.pt")["args"]["amp"] == "auto"
 
 
 @pytest.mark.slow  # a training subprocess

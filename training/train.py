@@ -31,10 +31,9 @@ RUNTIME_ARGS = {
     "device", "amp", "channels_last", "compile", "data_dir", "out", "resume", "max_steps",
     "eval_limit", "checkpoint_every", "lr_find", "lr_find_steps", "target_acc",
 }
-# Of those, the ones that change the arithmetic stay as the run began unless the resuming command
-# gives them a value other than the default: an `--amp off` run resumed with no --amp once went on
-# in bf16 on a bf16 CPU.
-KEPT_ON_RESUME = {"amp", "channels_last", "compile"}
+# Of those, the ones that change the arithmetic default to None, "not named": a resume keeps the
+# run's value unless the command names one (an `--amp off` run once went on in bf16). Their defaults:
+KEPT_ON_RESUME = {"amp": "auto", "channels_last": "auto", "compile": False}
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -43,10 +42,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/nin", help="run folder for checkpoints and metrics (default: runs/nin)")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files (default: search)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: auto (cuda if present)")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="autocast dtype (default: auto = bf16 where the hardware has it)")
-    p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto", help="default: auto (on)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default=None,
+                   help="autocast dtype (default: auto = bf16 where the hardware has it; a resume keeps the run's)")
+    p.add_argument("--channels-last", choices=["auto", "on", "off"], default=None,
+                   help="default: auto (on); a resume keeps the run's")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (default: off)")
     p.add_argument("--seed", type=int, default=0, help="default: 0")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--init-from", default=None,
@@ -166,10 +166,12 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     ckpt = load_checkpoint(out / "last.pt") if args.resume else None
     if ckpt is not None:
-        defaults = get_args_parser().parse_args([])
         for k, v in ckpt["args"].items():
-            if k not in RUNTIME_ARGS or (k in KEPT_ON_RESUME and getattr(args, k) == getattr(defaults, k)):
+            if k not in RUNTIME_ARGS or (k in KEPT_ON_RESUME and getattr(args, k) is None):
                 setattr(args, k, v)
+    for k, default in KEPT_ON_RESUME.items():
+        if getattr(args, k) is None:
+            setattr(args, k, default)
     rt = make_runtime(args.device, args.amp, args.channels_last)
     torch.manual_seed(args.seed)
     config = NiNConfig(batch_norm=args.batch_norm, dropout=args.dropout, num_1x1=args.num_1x1, width=args.width)
