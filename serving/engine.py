@@ -78,16 +78,24 @@ class Settings:
             )
         except ValueError as err:
             raise ModelLoadError(f"bad NIN_* setting: {err}") from None
-        if settings.lanes < -1:
-            raise ModelLoadError(f"NIN_LANES must be -1 (auto), 0 (off) or a count, got {settings.lanes}")
-        if settings.latency_budget_ms <= 0 or settings.max_queue < 0:
-            raise ModelLoadError(f"NIN_LATENCY_BUDGET_MS must be > 0 and NIN_MAX_QUEUE >= 0, got "
-                                 f"{settings.latency_budget_ms} and {settings.max_queue}")
-        if settings.drain_s < 0 or settings.shutdown_timeout_s <= 0:
-            raise ModelLoadError(f"NIN_DRAIN_SECONDS must be >= 0 and NIN_SHUTDOWN_TIMEOUT > 0, got "
-                                 f"{settings.drain_s} and {settings.shutdown_timeout_s}")
-        if settings.device not in ("auto", "cuda", "cpu"):
-            raise ModelLoadError(f"NIN_DEVICE must be auto, cuda or cpu, got {settings.device!r}")
+        s = settings  # every range checked here, so a bad value stops the start in one line
+        for ok, rule, got in (
+            (s.max_batch_size >= 1, "NIN_MAX_BATCH_SIZE must be >= 1", s.max_batch_size),
+            (s.max_wait_ms >= 0, "NIN_MAX_WAIT_MS must be >= 0", s.max_wait_ms),
+            (s.threads >= 0, "NIN_THREADS must be >= 0 (0 = auto)", s.threads),
+            (s.lanes >= -1, "NIN_LANES must be -1 (auto), 0 (off) or a count", s.lanes),
+            (s.max_bytes >= 1, "NIN_MAX_BYTES must be >= 1", s.max_bytes),
+            (s.max_pixels >= 1, "NIN_MAX_PIXELS must be >= 1", s.max_pixels),
+            (s.max_batch_images >= 1, "NIN_MAX_BATCH_IMAGES must be >= 1", s.max_batch_images),
+            (s.latency_budget_ms > 0, "NIN_LATENCY_BUDGET_MS must be > 0", s.latency_budget_ms),
+            (s.max_queue >= 0, "NIN_MAX_QUEUE must be >= 0", s.max_queue),
+            (s.drain_s >= 0, "NIN_DRAIN_SECONDS must be >= 0", s.drain_s),
+            (s.shutdown_timeout_s > 0, "NIN_SHUTDOWN_TIMEOUT must be > 0", s.shutdown_timeout_s),
+            (s.device in ("auto", "cuda", "cpu"), "NIN_DEVICE must be auto, cuda or cpu", s.device),
+            (s.variant in ("auto", *model_files.VARIANT_FILES), "NIN_VARIANT must be auto, fp32, int8 or fp16", s.variant),
+        ):
+            if not ok:
+                raise ModelLoadError(f"{rule}, got {got!r}")
         return settings
 
 
@@ -259,8 +267,6 @@ class Engine:
         have = model_files.available_variants(self.card)
         want = self.settings.variant
         if want != "auto":
-            if want not in model_files.VARIANT_FILES:
-                raise ModelLoadError(f"NIN_VARIANT must be auto, fp32, int8 or fp16, got {want!r}")
             return want
         # int8 is fastest on CPUs; fp16 halves memory traffic on GPUs, but only where its
         # accuracy gate ran on the CUDA provider (export on a machine with a GPU); fp32 is always there.

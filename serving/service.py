@@ -115,7 +115,7 @@ class NiNClassifier:
             check_gpu_requirement(settings)
             folder = model_files.resolve(settings.model)
             card = model_files.load_card(folder)
-            for variant in model_files.available_variants(card):
+            for variant in {*model_files.available_variants(card), settings.variant} - {"auto"}:
                 model_files.verified_file(folder, card, variant)
         except ModelLoadError as e:
             raise SystemExit(f"error: cannot serve: {e}") from None

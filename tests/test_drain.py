@@ -128,7 +128,7 @@ def test_sigterm_mid_ramp_answers_every_request_it_accepted(served_model, drain_
 
 @pytest.mark.parametrize("env, error", [
     ({"NIN_DRAIN_SECONDS": "-1"}, "NIN_DRAIN_SECONDS must be >= 0"),
-    ({"NIN_SHUTDOWN_TIMEOUT": "0"}, "NIN_SHUTDOWN_TIMEOUT > 0"),
+    ({"NIN_SHUTDOWN_TIMEOUT": "0"}, "NIN_SHUTDOWN_TIMEOUT must be > 0"),
     ({"NIN_DRAIN_SECONDS": "soon"}, r"bad NIN_\* setting"),
 ])
 def test_bad_drain_settings_are_one_line(monkeypatch, env, error):

@@ -115,13 +115,19 @@ def test_model_endpoint_over_http(server):
     assert info["provider"] == "CPUExecutionProvider" and info["ready"] is True
 
 
-def test_bad_model_fails_start_up_with_one_line(tmp_path):
-    proc = start(tmp_path / "missing", free_port())
+@pytest.mark.parametrize("where, env, error", [
+    ("missing", {}, "model folder not found"),
+    ("model", {"NIN_VARIANT": "fp16"}, "variant fp16 is not in"),  # not exported: served_model has no fp16
+    ("model", {"NIN_MAX_BATCH_SIZE": "0"}, "NIN_MAX_BATCH_SIZE must be >= 1"),
+])
+def test_bad_model_or_setting_fails_start_up_with_one_line(tmp_path, served_model, where, env, error):
+    """Before any worker starts: not a worker restarted forever."""
+    proc = start(served_model if where == "model" else tmp_path / where, free_port(), env)
     proc.wait(timeout=120)
     out = server_output(proc)
     stop_server(proc)
     assert proc.returncode == 1
-    assert out.strip().splitlines()[-1].startswith("error: cannot serve: model folder not found")
+    assert out.strip().splitlines()[-1].startswith(f"error: cannot serve: {error}"), out[-2000:]
 
 
 @REAL_DATA

@@ -3,6 +3,7 @@
 import gc
 import io
 import mmap
+import re
 import time
 from contextlib import contextmanager
 from types import MethodType, SimpleNamespace
@@ -48,10 +49,30 @@ def test_service_class_in_process(service_cls, served_model, monkeypatch):
     assert svc.engine.describe()["input_contract"]["image_size"] == 224
 
 
-@pytest.mark.parametrize("variant, error", [("fp16", "variant fp16 is not in"), ("bogus", "NIN_VARIANT must be")])
-def test_bad_settings_fail_with_one_line(served_model, variant, error):
-    with pytest.raises(ModelLoadError, match=error):
-        Engine(Settings(model=str(served_model), variant=variant))
+def test_a_variant_not_in_the_folder_fails_with_one_line(served_model):
+    with pytest.raises(ModelLoadError, match="variant fp16 is not in"):
+        Engine(Settings(model=str(served_model), variant="fp16"))
+
+
+@pytest.mark.parametrize("env, error", [
+    ({"NIN_VARIANT": "bogus"}, "NIN_VARIANT must be auto, fp32, int8 or fp16, got 'bogus'"),
+    ({"NIN_MAX_BATCH_SIZE": "0"}, "NIN_MAX_BATCH_SIZE must be >= 1, got 0"),
+    ({"NIN_MAX_WAIT_MS": "-1"}, "NIN_MAX_WAIT_MS must be >= 0"),
+    ({"NIN_THREADS": "-2"}, "NIN_THREADS must be >= 0"),
+    ({"NIN_LANES": "-2"}, "NIN_LANES must be -1"),
+    ({"NIN_MAX_BATCH_IMAGES": "0"}, "NIN_MAX_BATCH_IMAGES must be >= 1"),
+    ({"NIN_MAX_BYTES": "0"}, "NIN_MAX_BYTES must be >= 1"),
+    ({"NIN_MAX_PIXELS": "-1"}, "NIN_MAX_PIXELS must be >= 1"),
+    ({"NIN_LATENCY_BUDGET_MS": "0"}, "NIN_LATENCY_BUDGET_MS must be > 0"),
+    ({"NIN_MAX_QUEUE": "-1"}, "NIN_MAX_QUEUE must be >= 0"),
+])
+def test_every_setting_out_of_range_fails_with_one_line(monkeypatch, env, error):
+    """Checked in Settings.from_env, which the on_deployment hook runs before any worker starts
+    (a worker whose __init__ raises is restarted by BentoML forever)."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ModelLoadError, match=re.escape(error)):
+        Settings.from_env()
 
 
 def test_altered_model_file_is_refused(served_model, tmp_path):
