@@ -1,10 +1,8 @@
 """Admission control: a bound on the images in the service (admitted and not yet answered).
 
-Past the bound a request is refused at once with 503, `Retry-After` and a JSON body, so the ones
-admitted are answered within the latency budget instead of every request waiting longer. The
-default bound is as many full batches (timed at warm-up) as fit in 40 % of the budget: under load
-the service drains slower than the model alone runs, and a smaller share made the bound jump with
-warm-up noise (docs/decisions.md).
+Past it a request is refused at once (503, Retry-After, JSON), so the ones admitted are answered
+within the latency budget; the default bound is as many full batches as fit in 40 % of the
+budget (docs/decisions.md, "Admission bound").
 """
 
 from __future__ import annotations

@@ -1,22 +1,11 @@
-"""Adaptive micro-batching of concurrent requests, on one latency lane or several throughput lanes.
+"""Adaptive micro-batching: while a batch runs (in a thread; onnxruntime releases the GIL), new
+requests queue, and the next batch takes what queued, so a lone request never waits and batches
+grow with load (`max_wait_ms` > 0 also holds a batch open for newcomers).
 
-While a batch runs (in a worker thread; onnxruntime releases the GIL), new requests queue; the
-next batch takes what is queued, up to `max_batch_size` images, so a lone request never waits
-and batches grow with load. `max_wait_ms` > 0 also holds a batch open for newcomers.
-
-Where to run a batch (`lanes` > 0, the CPU default): when nothing else runs and nothing else
-waits, on the latency lane (`run(x, None)`: one onnxruntime session whose intra-op threads span
-every core, fastest for one request); as soon as work overlaps, on the throughput lanes
-(`run(x, i)`: one single-threaded session per core, batches side by side): one image is
-fastest on every core, but under load single-threaded sessions side by side beat one
-multi-threaded session, whose threads wake for every layer (docs/decisions.md). The two kinds
-never run at once, so they never fight over the cores. With `lanes` = 0 (GPUs) every batch takes the one lane.
-A throughput lane takes at most max_batch_size / lanes images, so the lanes share a full batch
-instead of each running one (half the wait for the same throughput), and its thread runs at
-nice +5: the event loop, which reads requests and writes answers, keeps its share of the cores
-while the lanes take the rest.
-
-Load beyond a bound is refused before it gets here (serving/admission.py).
+On the CPU (`lanes` > 0) a batch runs on the latency lane (one session whose threads span every
+core) when nothing else runs or waits, else on a throughput lane (one single-threaded session per
+core, nice +5 so the event loop keeps its share); the two kinds never run at once. A GPU has one
+lane. Why: docs/decisions.md, "Latency lane and throughput lanes".
 """
 
 from __future__ import annotations

@@ -1,17 +1,12 @@
-"""Graceful drain on SIGTERM (what Docker and Kubernetes send on every rollout and scale-down).
+"""Graceful drain on SIGTERM, which Docker and Kubernetes send on every rollout.
 
-`bentoml serve` is a circus arbiter holding the listening socket, and a uvicorn worker serving
-it. The arbiter forwards SIGTERM to the worker; uvicorn alone would stop accepting at once, and
-connections the kernel had already completed into the arbiter's socket would then wait in its
-backlog until the arbiter closed it: accepted, never answered. Here the worker instead:
-
-1. fails readiness at once (`/readyz` 503: a load balancer stops sending) and keeps serving for
-   `drain_s` seconds (NIN_DRAIN_SECONDS, default 5), accepting whatever still arrives;
-2. then hands over to uvicorn's graceful shutdown (stop accepting, answer every request in
-   flight, queued in the micro-batcher or still being read, within `timeout_s`,
-   NIN_SHUTDOWN_TIMEOUT, default 20) and shuts the shared listening socket down, so a late
-   connection is refused at connect instead of stranded in the backlog;
-3. exits by itself: within drain_s + timeout_s (+ 5 s, a hard stop that never waits longer).
+uvicorn alone stops accepting at once, and connections already completed into the arbiter's
+listening socket then wait in its backlog, never answered. Here the worker instead:
+1. fails readiness at once and keeps serving for `drain_s` (NIN_DRAIN_SECONDS);
+2. then shuts the shared listening socket down (a late connection is refused at connect) and
+   hands over to uvicorn's graceful shutdown, which answers what is in flight within `timeout_s`
+   (NIN_SHUTDOWN_TIMEOUT);
+3. exits within drain_s + timeout_s + 5 s whatever happens.
 """
 
 from __future__ import annotations
@@ -73,9 +68,7 @@ class Drain:
         if server is not None:
             server.config.timeout_graceful_shutdown = self.timeout_s
         log.info("drain period over: closing the listener, answering what is in flight")
-        # First the shared socket itself (the arbiter holds a copy): from here a new connection is
-        # refused at connect, not completed into a backlog nobody will accept from; uvicorn's
-        # accept loop has been taking every completed one, so none is stranded.
+        # the shared socket first (the arbiter holds a copy): new connections are refused, not stranded
         for sock in self._listeners:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -109,13 +102,9 @@ def listening_sockets(handler) -> list[socket.socket]:
 
 
 def exit_with_parent() -> bool:
-    """Ask Linux to send this process SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG).
-
-    `bentoml serve`'s worker runs in a process group of its own under the circus arbiter; when the
-    arbiter dies without stopping it (`kill -9`, the OOM killer, a harness that kills a process
-    group), the worker went on serving the port, orphaned, for ever. With this the worker drains and exits as on any SIGTERM. Only
-    in the worker: the arbiter outlives the shell that started it (`nohup bentoml serve &`).
-    Returns whether it is armed (False off Linux)."""
+    """Ask Linux for SIGTERM when the parent (the arbiter) dies (prctl PR_SET_PDEATHSIG), so a
+    worker orphaned by `kill -9` or the OOM killer drains and exits instead of serving the port
+    for ever. Only in a worker: the arbiter must outlive `nohup`'s shell. Whether it is armed."""
     import ctypes
 
     parent = os.getppid()

@@ -126,10 +126,10 @@ def cuda_device_count() -> int:
 
 
 class GpuMemory:
-    """GPU memory this process holds, from NVML (onnxruntime has no API for it), sampled by a
-    background thread every `interval_s`, so no NVML query sits in the per-batch path. `used_mb()` is the latest sample, `peak_mb()` the largest so far."""
+    """GPU memory this process holds, from NVML (onnxruntime has no API for it), sampled every
+    0.2 s by a thread, so no NVML query sits in the per-batch path: the latest sample and the peak."""
 
-    def __init__(self, interval_s: float = 0.2) -> None:
+    def __init__(self) -> None:
         import pynvml
 
         pynvml.nvmlInit()
@@ -139,7 +139,6 @@ class GpuMemory:
         self._latest: float | None = None
         self._peak: float | None = None
         self._sample()
-        self._interval = interval_s
         threading.Thread(target=self._loop, name="nvml-sampler", daemon=True).start()
 
     def _sample(self) -> None:
@@ -151,7 +150,7 @@ class GpuMemory:
 
     def _loop(self) -> None:
         while True:
-            time.sleep(self._interval)
+            time.sleep(0.2)
             try:
                 self._sample()
             except Exception:  # noqa: BLE001 - a failed sample leaves the last figure standing
@@ -236,9 +235,10 @@ class Engine:
         return session, active
 
     def _session(self, cuda: bool, threads: int | None = None) -> tuple[ort.InferenceSession, str]:
-        if threads is None:  # the latency lane's (or the GPU's) session; lanes reuse its variant
+        if threads is None:  # the latency lane's (or the GPU's) session; lanes reuse its checked file
             self.variant = self._choose_variant(cuda)
-        path = model_files.verified_file(self.folder, self.card, self.variant)
+            self.path = model_files.verified_file(self.folder, self.card, self.variant)
+        path = self.path
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -170,10 +170,8 @@ def _flag(request: Request, name: str) -> bool:
 
 
 def parse_top_k(raw, n_classes: int | None) -> int:
-    """top_k as a client sent it (query parameter or form field), checked in one place: ASCII
-    digits only (str.isdigit() is true for "٣" and "²", which int() then refuses), at most three
-    of them (int() refuses a string of over 4,300 digits: that was a 500), from 1 to n_classes
-    (unchecked when None: no model loaded yet, and the route will answer 503 anyway)."""
+    """top_k as a client sent it, checked in one place: at most three ASCII digits (isdigit() takes
+    "٣", int() refuses 4,300 digits), from 1 to n_classes (any, when None: no model yet)."""
     text = raw.strip() if isinstance(raw, str) else ""
     k = int(text) if text and len(text) <= 3 and text.isascii() and text.isdigit() else 0
     if not 1 <= k <= (n_classes or 999):
@@ -193,11 +191,8 @@ NOT_READY = (503, {"error": "not_ready", "detail": "the model is still warming u
 async def classify(state: ServiceState | None, single: bool, read, t0: float, receive=None) -> tuple[int, dict, dict]:
     """Every classify route's one path: reading, admission, decoding, the micro-batcher, the
     answer. `receive()`, when given, reads the whole body; `read(limit)` returns (top_k,
-    show_input, image blobs), at most `limit` images as far as it can tell, or raises InputError.
-    A request is admitted once its body has arrived: a single image before its body is parsed,
-    a batch once its images are counted. Admitting before the body had arrived let 32 stalled
-    uploads (headers sent, body never finished) hold every place and refuse everyone else.
-    Returns (status, JSON body, headers)."""
+    show_input, image blobs) or raises InputError. A request is admitted only once its body has
+    arrived, so stalled uploads hold no place (docs/decisions.md). Returns (status, body, headers)."""
     if state is None or not state.open.is_set():
         return NOT_READY
     engine = state.engine
@@ -349,32 +344,22 @@ async def classify_files(state: ServiceState | None, blobs: list[bytes], single:
 
 
 class Edge:
-    """ASGI middleware in front of BentoML's inner stack, for three things.
+    """ASGI middleware in front of BentoML's inner stack, for three things (docs/decisions.md):
 
-    API keys, when set (serving/auth.py): checked here, before any body is read, for every route
-    BentoML or the app serves.
+    API keys, when set (serving/auth.py), checked before any body is read, for every route.
 
-    Direct routes: POST /classify and /classify_batch go straight to the service's own route
-    methods, skipping the ASGI layers between here and them (BentoML's context, Starlette's and
-    FastAPI's exception, body-limit and routing middlewares, dependency solving): more throughput
-    (docs/decisions.md). Those methods are the one place these routes are answered. BentoML's
-    outer middlewares (timeout, concurrency limit, request metrics, access log and tracing where
-    enabled) still wrap them.
+    Direct routes: POST /classify and /classify_batch go straight to the service's route methods,
+    past BentoML's inner ASGI layers (more throughput); BentoML's outer middlewares still wrap them.
 
-    Typed endpoints (POST /api/classify, /api/classify_batch), whose body BentoML itself reads
-    and parses: a body over the byte cap is refused with 413 while it arrives; a body that is not
-    multipart, lacks its file field, or carries a field BentoML would choke on (it answers those
-    with a 500) gets the usual 4xx JSON instead; a media type in another case and a file name
-    BentoML cannot save a file under are made safe first (serving/forms.py).
-
-    `get_service` gives the running service (tests pass their own)."""
+    Typed endpoints (POST /api/classify, /api/classify_batch), which BentoML parses: the body is
+    capped while it arrives, and a form BentoML would answer with a 500 or a non-JSON 400 gets the
+    usual 4xx JSON first (serving/forms.py). `get_service` gives the running service."""
 
     DIRECT = {"/classify": "classify_route", "/classify_batch": "classify_batch_route"}
     TYPED = {"/api/classify": "image", "/api/classify_batch": "images"}
 
-    def __init__(self, app, get_service=current_service, keys: auth.ApiKeys | None = None) -> None:
-        self.app, self.get_service = app, get_service
-        self.keys = auth.ApiKeys.from_env() if keys is None else keys
+    def __init__(self, app, get_service=current_service) -> None:
+        self.app, self.get_service, self.keys = app, get_service, auth.ApiKeys.from_env()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":

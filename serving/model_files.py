@@ -45,13 +45,9 @@ def resolve(source: str | None) -> Path:
 
 
 def sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, read in 1 MiB blocks: the one hasher for checkpoints, model files and the
-    server's verification against the card (torch-free, so the server can use it)."""
-    h = hashlib.sha256()
+    """sha256 of a file: the model files' check against their card."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_card(folder: Path) -> dict:
@@ -82,10 +78,6 @@ def verified_file(folder: Path, card: dict, variant: str) -> Path:
 
 def available_variants(card: dict) -> list[str]:
     return [v for v, name in VARIANT_FILES.items() if name in card["files"]]
-
-
-def env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
 
 
 def store_version(folder: Path) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import FastAPI
-from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse
 
 STATIC = Path(__file__).parent / "static"
@@ -36,7 +35,7 @@ def add_routes(app: FastAPI) -> None:
 
     @app.get("/ui/samples/{name}", tags=tags, summary="One sample image (PNG)", response_class=FileResponse,
              responses={200: {"content": {"image/png": {}}}, 404: {"description": "no such sample"}})
-    async def sample(name: str, request: Request):
+    async def sample(name: str):
         known = {s["file"] for s in samples()}
         if name not in known:
             return JSONResponse({"error": "not_found", "detail": f"no sample named {name!r}; see /ui/samples"},

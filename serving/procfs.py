@@ -1,4 +1,4 @@
-"""Process memory from Linux's /proc (stdlib only: the server and the training code share it)."""
+"""Process memory and usable cores from Linux's /proc and cgroup files (stdlib only)."""
 
 from __future__ import annotations
 
@@ -15,16 +15,6 @@ def read_status_kb(field: str, pid: int | str = "self") -> int | None:
     except OSError:
         pass
     return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM (peak RSS) to the current RSS: write 5 to /proc/self/clear_refs."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 class PeakRss:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import bentoml
+import psutil
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -69,16 +70,6 @@ def ready_dir(arbiter_pid: int) -> Path:
     """Where each worker of one `bentoml serve` marks itself warm: /readyz says ready only once
     every worker can answer, whichever worker the probe reaches."""
     return Path(tempfile.gettempdir()) / f"nin-ready-{arbiter_pid}"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def in_bentoml_worker() -> bool:
@@ -173,7 +164,7 @@ class NiNClassifier:
         if not self.warmed.is_set() or self.drain.draining.is_set():
             return False
         if not self.all_warm:  # the marks of live workers (a crashed one's stays behind)
-            self.all_warm = sum(pid_alive(int(m.name)) for m in self.marks.iterdir()) >= self.engine.settings.workers
+            self.all_warm = sum(psutil.pid_exists(int(m.name)) for m in self.marks.iterdir()) >= self.engine.settings.workers
         return self.all_warm
 
     # For curl and browsers: multipart or a raw body, the byte cap while reading, a 4xx JSON for
