@@ -88,14 +88,19 @@ class ServiceState:
                  a.limit, engine.settings.latency_budget_ms, engine.settings.max_batch_size, engine.full_batch_ms)
 
 
-def overloaded(state: ServiceState, n: int) -> tuple[int, dict, dict]:
+def overloaded(state: ServiceState, n: int) -> JSONResponse:
     OVERLOADED.inc()
     a = state.admission
     retry = a.retry_after_s()
-    return 503, {"error": "overloaded",
-                 "detail": f"{a.in_system} images are already in the service (limit {a.limit}, about "
-                           f"{a.in_system / a.max_batch_size * a.full_batch_ms:.0f} ms of work); "
-                           f"{n} more would pass it: retry after {retry} s"}, {"Retry-After": str(retry)}
+    return JSONResponse({"error": "overloaded",
+                         "detail": f"{a.in_system} images are already in the service (limit {a.limit}, about "
+                                   f"{a.in_system / a.max_batch_size * a.full_batch_ms:.0f} ms of work); "
+                                   f"{n} more would pass it: retry after {retry} s"},
+                        status_code=503, headers={"Retry-After": str(retry)})
+
+
+def not_ready() -> JSONResponse:
+    return JSONResponse({"error": "not_ready", "detail": "the model is still warming up"}, status_code=503)
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -181,32 +186,31 @@ def parse_top_k(raw, n_classes: int | None) -> int:
     return k
 
 
-def _top_k(request: Request, n_classes: int) -> int:
-    return parse_top_k(request.query_params.get("top_k", "3"), n_classes)
-
-
-NOT_READY = (503, {"error": "not_ready", "detail": "the model is still warming up"}, {})
-
-
-async def classify(state: ServiceState | None, single: bool, read, t0: float, receive=None) -> tuple[int, dict, dict]:
-    """Every classify route's one path: reading, admission, decoding, the micro-batcher, the
-    answer. `receive()`, when given, reads the whole body; `read(limit)` returns (top_k,
-    show_input, image blobs) or raises InputError. A request is admitted only once its body has
-    arrived, so stalled uploads hold no place (docs/decisions.md). Returns (status, body, headers)."""
+async def classify(state: ServiceState | None, field: str, request: Request | None = None,
+                   blobs: list[bytes] | None = None, top_k: int = 3) -> JSONResponse:
+    """Every classify route's one path: the upload (from `request`, whose body it reads, or the
+    `blobs` BentoML has read for a typed endpoint), admission, decoding, the micro-batcher, the
+    answer. A request is admitted only once its body has arrived, so stalled uploads hold no
+    place (docs/decisions.md)."""
+    t0 = time.perf_counter()
     if state is None or not state.open.is_set():
-        return NOT_READY
-    engine = state.engine
+        return not_ready()
+    engine, single = state.engine, field == "image"
+    limit, n_classes = 1 if single else engine.settings.max_batch_images, len(engine.class_names)
     held = 0  # images this request holds in the admission count
     try:
         try:
-            if receive is not None:
-                await receive()
+            if request is not None:
+                ctype, body = await receive_upload(request, engine.settings, field)
             if single:
                 if not state.admission.try_enter(1):
                     return overloaded(state, 1)
                 held = 1
-            limit = 1 if single else engine.settings.max_batch_images
-            k, show, blobs = await read(limit)
+            if request is not None:
+                k, show = parse_top_k(request.query_params.get("top_k", "3"), n_classes), _flag(request, "show_input")
+                blobs = await uploads(request, ctype, body, engine.settings, field, limit)
+            else:
+                k, show = parse_top_k(str(top_k), n_classes), False
             if not blobs:
                 raise InputError(422, "missing_field", "no image was uploaded")
             if len(blobs) > limit:
@@ -219,40 +223,13 @@ async def classify(state: ServiceState | None, single: bool, read, t0: float, re
             decoded = await decode_all(blobs, state)
         except InputError as err:
             REJECTED.labels(err.error).inc()
-            return err.status, err.to_json(), {}
+            return JSONResponse(err.to_json(), status_code=err.status)
         payload, headers = await infer(state, single, k, decoded,
                                        {"t0": t0, "read": t_read, "decode": time.perf_counter()}, show)
-        return 200, payload, headers
+        return JSONResponse(payload, headers=headers)
     finally:
         state.admission.leave(held)
         IN_SYSTEM.set(state.admission.in_system)
-
-
-class RequestReader:
-    """`receive` and `read` for classify(): the body first, then top_k and show_input from the
-    query and the images from the body."""
-
-    def __init__(self, request: Request, state: ServiceState, field: str) -> None:
-        self.request, self.settings, self.field = request, state.engine.settings, field
-        self.n_classes = len(state.engine.class_names)
-        self.ctype, self.body = "", b""
-
-    async def receive(self) -> None:
-        self.ctype, self.body = await receive_upload(self.request, self.settings, self.field)
-
-    async def read(self, limit: int):
-        return (_top_k(self.request, self.n_classes), _flag(self.request, "show_input"),
-                await uploads(self.request, self.ctype, self.body, self.settings, self.field, limit))
-
-
-async def classify_request(state: ServiceState | None, request: Request, field: str) -> JSONResponse:
-    t0 = time.perf_counter()
-    if state is None:
-        status, body, headers = NOT_READY
-    else:
-        reader = RequestReader(request, state, field)
-        status, body, headers = await classify(state, field == "image", reader.read, t0, reader.receive)
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 # Uploads up to this many pixels decode on the event loop (cheaper than a hand-off to a thread and
@@ -333,16 +310,6 @@ def current_service():
         return None
 
 
-async def classify_files(state: ServiceState | None, blobs: list[bytes], single: bool, top_k: int,
-                         t0: float) -> tuple[int, dict, dict]:
-    """The typed BentoML endpoints' path (service.py): classify() on file contents BentoML has
-    already read. (status, body, headers)."""
-    async def read(limit: int):  # the blobs are read already: classify() checks their count
-        return parse_top_k(str(top_k), len(state.engine.class_names)), False, blobs
-
-    return await classify(state, single, read, t0)
-
-
 class Edge:
     """ASGI middleware in front of BentoML's inner stack, for three things (docs/decisions.md):
 
@@ -376,8 +343,7 @@ class Edge:
         service = self.get_service()
         state = getattr(service, "state", None)
         if state is None or not state.open.is_set():
-            status, body, headers = NOT_READY
-            return await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)
+            return await not_ready()(scope, receive, send)
         settings, form = state.engine.settings, None
         try:  # read up to the cap (read_body), then hand BentoML the body as one message
             body = await read_body(Request(scope, receive), settings.max_bytes)
@@ -421,11 +387,7 @@ class Edge:
     async def _direct(self, scope, receive, send, route: str) -> None:
         service = self.get_service()
         try:
-            if service is None:
-                status, body, headers = NOT_READY
-                response = JSONResponse(body, status_code=status, headers=headers)
-            else:
-                response = await getattr(service, route)(Request(scope, receive))
+            response = not_ready() if service is None else await getattr(service, route)(Request(scope, receive))
         except Exception:  # what Starlette's ServerErrorMiddleware did for the FastAPI route, in JSON
             log.exception("POST %s failed", scope.get("path"))
             response = JSONResponse({"error": "internal_error", "detail": "the server failed on this request; "

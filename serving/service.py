@@ -15,7 +15,6 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import bentoml
@@ -175,14 +174,14 @@ class NiNClassifier:
                          **error_responses(400, 413, 415, 422, 503)},
               openapi_extra={"parameters": [TOP_K_PARAM, SHOW_INPUT_PARAM], "requestBody": image_request_body("image", False)})
     async def classify_route(self, request: Request) -> JSONResponse:
-        return await http.classify_request(self.state, request, "image")
+        return await http.classify(self.state, "image", request)
 
     @app.post("/classify_batch", summary="Classify several images in one request", **DIRECT,
               responses={200: {"model": BatchClassification, "description": "one prediction per image, in order"},
                          **error_responses(400, 413, 415, 422, 503)},
               openapi_extra={"parameters": [TOP_K_PARAM, SHOW_INPUT_PARAM], "requestBody": image_request_body("images", True)})
     async def classify_batch_route(self, request: Request) -> JSONResponse:
-        return await http.classify_request(self.state, request, "images")
+        return await http.classify(self.state, "images", request)
 
     @app.get("/model", summary="The served model, its input contract and limits", **DIRECT,
              responses={200: {"model": ModelInfo}, **error_responses(503)})
@@ -196,16 +195,12 @@ class NiNClassifier:
     async def classify(self, image: Path, top_k: int = 3) -> Classification:
         """Classify one image file: the same answer as POST /classify. Refusals are 4xx/503 with
         {"error", "detail"}."""
-        status, body, headers = await http.classify_files(self.state, [image.read_bytes()], True, top_k,
-                                                          time.perf_counter())
-        return JSONResponse(body, status_code=status, headers=headers)
+        return await http.classify(self.state, "image", blobs=[image.read_bytes()], top_k=top_k)
 
     @bentoml.api(route="/api/classify_batch")
     async def classify_batch(self, images: list[Path], top_k: int = 3) -> BatchClassification:
         """Classify several image files in one call: the same answer as POST /classify_batch."""
-        status, body, headers = await http.classify_files(self.state, [p.read_bytes() for p in images], False,
-                                                          top_k, time.perf_counter())
-        return JSONResponse(body, status_code=status, headers=headers)
+        return await http.classify(self.state, "images", blobs=[p.read_bytes() for p in images], top_k=top_k)
 
 
 NiNClassifier.add_asgi_middleware(http.Edge)
