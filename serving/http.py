@@ -15,13 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
-from fastapi import FastAPI
 from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from serving import auth, forms, imaging, page
+from serving import auth, forms, imaging
 from serving.admission import Admission
 from serving.batching import MicroBatcher
 from serving.engine import Engine
@@ -290,14 +289,6 @@ async def infer(state: ServiceState, single: bool, k: int, decoded: list, t: dic
     payload = {**results[0], **common} if single else {"results": results, **common}
     headers = {"Server-Timing": ", ".join(f"{name};dur={v}" for name, v in timing.items())}
     return payload, headers
-
-
-def make_app() -> FastAPI:
-    """The FastAPI app BentoML mounts (it merges its OpenAPI into /docs.json): the upload page
-    here, the classify routes as the service's own methods (serving/service.py)."""
-    app = FastAPI(title="NiN Fashion-MNIST classifier", docs_url=None, redoc_url=None, openapi_url=None)
-    page.add_routes(app)
-    return app
 
 
 def current_service():

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from serving import auth, http, imaging, model_files
+from serving.page import app  # the upload page; the classify routes are this class's methods below
 from serving.drain import Drain, exit_with_parent
 from serving.engine import Engine, Settings, check_gpu_requirement, worker_count
 from serving.model_files import ModelLoadError
@@ -78,7 +79,6 @@ def in_bentoml_worker() -> bool:
     return server_context.worker_index is not None
 
 
-app = http.make_app()  # the page's routes; the classify routes are this class's methods below
 DIRECT = dict(response_model=None, response_class=JSONResponse, tags=["Classify (curl, browsers)"])
 
 
