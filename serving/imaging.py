@@ -155,8 +155,6 @@ def finish(img: Image.Image, contract: dict) -> Decoded:
     notes = [n for n in (scaled, turned, note) if n]
     size = (contract["image_size"], contract["image_size"])
     if gray.size != size:
-        if contract["interpolation"] != "bilinear":
-            raise ValueError(f"unsupported interpolation in the model card: {contract['interpolation']}")
         gray = gray.resize(size, Image.BILINEAR)
         notes.append(f"resized {original_size[0]}x{original_size[1]} to {size[0]}x{size[1]} (bilinear, as in training)")
     return Decoded(gray, fmt, original_mode, original_size, notes)

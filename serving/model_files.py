@@ -58,6 +58,8 @@ def load_card(folder: Path) -> dict:
     for key in ("class_names", "input_contract", "files"):
         if key not in card:
             raise ModelLoadError(f"{folder / CARD} lacks {key!r}: re-export the model")
+    if card["input_contract"].get("interpolation") != "bilinear":  # the one resize the server does
+        raise ModelLoadError(f"{folder / CARD}: unsupported interpolation {card['input_contract'].get('interpolation')!r}")
     return card
 
 

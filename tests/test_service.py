@@ -89,6 +89,20 @@ def test_altered_model_file_is_refused(served_model, tmp_path):
         Engine(Settings(model=str(tmp_path / "nothing")))
 
 
+def test_a_card_asking_for_another_resize_is_refused_at_load(served_model, tmp_path):
+    """The server resizes bilinearly only: another interpolation in the card stops the start."""
+    import json
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(served_model, copy)
+    card = json.loads((copy / "card.json").read_text())
+    card["input_contract"]["interpolation"] = "bicubic"
+    (copy / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelLoadError, match="unsupported interpolation 'bicubic'"):
+        Engine(Settings(model=str(copy)))
+
+
 def test_classify_multipart_and_raw_body(client):
     png = image_png(1)
     a = client.post("/classify", files={"image": ("x.png", png, "image/png")})
