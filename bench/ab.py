@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from bench.baselines import ort_baseline
 from bench.images import real_test_pngs
 from bench.load import CpuMeter, have_wrk, wrk_level
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for proc in procs.values():
             stop_server(proc)
-    result = {"variant": args.variant, "null_model": args.null_model, "hardware": hardware_name_cpu(), "rounds": args.rounds,
+    result = {"variant": args.variant, "null_model": args.null_model, "hardware": hardware_name(torch.device("cpu")), "rounds": args.rounds,
               "duration_s": args.duration,
               "levels": levels, "arms": {a: {str(c): median_level(runs[a][c]) for c in levels} for a in arms},
               "in_process": in_process(Path(args.model), args.variant, png)}
@@ -178,12 +180,6 @@ def in_process(folder: Path, variant: str, png: bytes) -> dict:
     card = json.loads((folder / CARD).read_text())
     x = imaging.normalize([imaging.to_contract(png, card["input_contract"], 10**8).image], card["input_contract"])
     return ort_baseline(folder / VARIANT_FILES[variant], x)
-
-
-def hardware_name_cpu() -> str:
-    import torch
-
-    return hardware_name(torch.device("cpu"))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Clients send real 224x224 test PNGs in a closed loop while, every `--every` seconds, another
 client uploads one large photo-sized PNG (`--size`, default 4000x3000 = 12 MP). Prints (and with
 `--out`, writes as JSON) the small requests' p50 / p99 / max and each large upload's status and
-time. Decoding a 12 MP PNG takes 0.3-0.5 s of CPU here; the service decodes uploads over 512x512
+time. Decoding a 12 MP PNG takes a good part of a second; the service decodes uploads over 512x512
 pixels on a thread of its own (serving/http.py), so the small requests should not wait for it.
 
     .venv/bin/python -m bench.big_upload                      # starts `bentoml serve` on the shipped model

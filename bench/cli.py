@@ -15,7 +15,7 @@ from bench.baselines import ort_baseline, torch_baseline
 from bench.images import real_test_pngs
 from bench.load import CpuMeter, combine_rounds, have_wrk, load_level, soak, wrk_level
 from bench.report import markdown, plot, targets
-from bench.servers import ROOT, Server
+from bench.servers import ROOT, Server, write_results
 from serving import imaging
 from serving.model_files import VARIANT_FILES, available_variants
 
@@ -97,9 +97,7 @@ C1_ROUNDS = 5
 def interleaved_c1(urls: dict[str, str], pngs: list[bytes], clients: list[str], duration: float,
                    pids: dict[str, int | None] | None = None) -> dict:
     """c=1 for every server, in `rounds` short rounds that alternate between them (ABBA...):
-    a single-request latency difference of a fraction of a millisecond is smaller than this VM's
-    drift over a minute, so servers measured one after the other compare the minute, not the
-    server. Each server gets `duration` seconds in all; combine_rounds() merges its rounds."""
+    a fraction of a millisecond is less than a VM drifts in a minute (docs/benchmark.md). Each server gets `duration` seconds in all; combine_rounds() merges its rounds."""
     rounds = max(1, min(C1_ROUNDS, int(duration)))  # rounds of whole seconds (wrk takes no fractions)
     per = {kind: {"python": [], "native": []} for kind in urls}
     for client in clients:
@@ -205,10 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                 if server:
                     server.close()
     result["targets"] = targets(result)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=1))
-    (out / "bench.md").write_text(markdown(result))
-    plot(result, out)
+    write_results(args.out, "bench", result, markdown(result))
+    plot(result, Path(args.out))
     print(markdown(result))
     return 0

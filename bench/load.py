@@ -1,6 +1,6 @@
 """Load generators: a Python client (aiohttp + asyncio, every answer parsed, the server's own
 timing figures collected) and a native one (wrk, one prebuilt multipart body), so the Python
-client's own CPU (about a third of a core at c=16 on 2 cores) does not hide the server's cost.
+client's own CPU does not hide the server's cost.
 
 Both are closed loops: N connections, each sending the next request when the last answer came,
 and both behave as a client should after a 503: wait its Retry-After before sending again (a
@@ -109,9 +109,8 @@ def combine_rounds(rounds: list[dict]) -> dict:
 
 async def load_level(url: str, pngs: list[bytes], concurrency: int, duration: float | None, count: int | None) -> dict:
     """`concurrency` clients, each sending the next image as soon as the last answer came, for
-    `duration` seconds or `count` requests in all. aiohttp with bodies built beforehand: 0.08-0.18
-    of a core here at c=16-256, against 0.26-0.4 for httpx at c=1-16, so at c=256 the client
-    measures the server rather than its own queue."""
+    `duration` seconds or `count` requests in all. aiohttp with bodies built beforehand: a few
+    times less client CPU than httpx, so at c=256 the client measures the server, not itself."""
     bodies = [multipart_body(p) for p in pngs]
     latencies, server, errors = [], [], Counter()
     sent = 0
@@ -149,9 +148,8 @@ def rss_mb(pid: int) -> float:
 class CpuMeter:
     """The CPU a server's processes (the root process and its descendants: `bentoml serve`, the
     circus arbiter and the worker, which runs in a process group of its own; or uvicorn) used over
-    a level, and the machine's idle share, from Linux's /proc: the steady measure on this VM, where
-    wall-clock throughput moves +-10 % between 10 s runs. Off Linux, or without a root, it adds
-    nothing."""
+    a level, and the machine's idle share, from Linux's /proc: steadier than wall-clock throughput
+    on a noisy VM. Off Linux, or without a root, it adds nothing."""
 
     def __init__(self, root_pid: int | None) -> None:
         self.root_pid = root_pid

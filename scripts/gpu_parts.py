@@ -65,11 +65,8 @@ MANIFEST = "manifest.json"
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def pip_download(dest: Path, specs: list[str], deps: bool, hashes: bool = False) -> None:
@@ -208,11 +205,7 @@ def pack(files: list[Path], out: Path, part_bytes: int, extra: dict, first_part_
             d.mkdir(parents=True, exist_ok=True)
             with open(f, "rb") as src, open(d / name, "wb") as dst:
                 src.seek(offset)
-                remaining = n
-                while remaining:
-                    block = src.read(min(remaining, 1 << 20))
-                    dst.write(block)
-                    remaining -= len(block)
+                dst.write(src.read(n))  # at most one part's bytes
             entries.append({"file": f.name, "chunk": name, "part": part, "offset": offset, "bytes": n,
                             "sha256": sha256(d / name)})
             offset += n

@@ -283,11 +283,6 @@ def check_returned(out: Path) -> list[str]:
     return problems
 
 
-def check_out(out: Path) -> None:
-    if problems := check_returned(out):
-        raise SystemExit(f"error: OUT would not come back whole: {'; '.join(problems)}")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Prove the GPU half: tests, profile, strong and d2l training at 224.")
     ap.add_argument("--out", required=True, help="output folder (at most 8 files of at most 16 MiB come back)")
@@ -323,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         p.write_summary()
         shutil.rmtree(p.work, ignore_errors=True)
-        check_out(out)
+        if problems := check_returned(out):
+            raise SystemExit(f"error: OUT would not come back whole: {'; '.join(problems)}")
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def find_data_root(data_dir: str | os.PathLike | None = None, allow_download: bo
     """Look in --data-dir, $FASHION_MNIST_DIR, the Debian package, then download when online.
 
     A folder named with --data-dir is the user's choice: it must hold the data, or this stops at
-    once (it used to fall through to the next place and train on other data without a word)."""
+    once rather than fall through to the next place and train on other data without a word."""
     tried: list[str] = []
     places = []
     if data_dir:

@@ -100,7 +100,7 @@ def make_runtime(device: str, amp: str, channels_last: str) -> Runtime:
         amp_dtype = torch.bfloat16 if bf16 else None
     else:
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-    cl = channels_last != "off"  # auto = on: faster convolutions on this CPU (1.5x) and on GPUs
+    cl = channels_last != "off"  # auto = on: faster convolutions on CPUs and GPUs (docs/decisions.md)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -318,12 +318,10 @@ def section_head(rec: dict, folder: Path, rel: str) -> list[str]:
 
 
 def rec_size(rec: dict) -> int:
-    size = next(iter(rec["arms"].values()))["image_size"]
-    from training.resources import window_rule
+    """The head's input size (the last strided layer's output) at the record's image size."""
+    from training.experiments.floor import nin_first_layers
 
-    for k, s, p in ((11, 4, 0), (3, 2, 0), (5, 1, 2), (3, 2, 0), (3, 1, 1), (3, 2, 0)):
-        size = window_rule(size, k, s, p)[0]
-    return size
+    return nin_first_layers(next(iter(rec["arms"].values()))["image_size"])[-1]["output"]
 
 
 def outcome(r: dict) -> str:

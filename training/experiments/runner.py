@@ -172,9 +172,9 @@ def retime(folder: Path, budget: Budget, rounds: int = 10) -> int:
 
     The latency depends on the architecture, not on the trained weights, so each architecture is
     exported once from a fresh model of its config and timed in alternating rounds (A B C ... A B
-    C ..., `budget.ort_runs` runs each in all, 20 where it is 0): on this VM the same architecture
-    timed a minute apart differed by up to 1.7x, so architectures timed one after another compared
-    the minutes. Every arm of an architecture gets its median. Returns the number of arms updated."""
+    C ..., `budget.ort_runs` runs each in all, 20 where it is 0), since a noisy machine drifts more
+    in a minute than architectures differ (docs/decisions.md). Every arm of an architecture gets
+    its median. Returns the number of arms updated."""
     runs = budget.ort_runs or 20  # a budget that times nothing while training (smoke) still gets a figure
     rt = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
     arms: dict[str, list[tuple[Path, dict]]] = {}  # architecture -> its arms' files and records
@@ -196,8 +196,7 @@ def retime(folder: Path, budget: Budget, rounds: int = 10) -> int:
         timed_runs(session, feed, max(3, runs // 10))  # warm-up
     for _ in range(rounds):
         for key, (session, feed) in sessions.items():
-            # let the last session's intra-op threads stop spinning first: timed straight after
-            # another, an architecture ran up to 2x slower (measured: 5.3 against 2.6 ms)
+            # let the last session's intra-op threads stop spinning first (docs/decisions.md)
             time.sleep(0.05)
             times[key] += timed_runs(session, feed, per_round)
     for key, found in arms.items():
