@@ -15,7 +15,7 @@ import torch
 
 from export.card import card_markdown, metadata_from_card, versions
 from export.checks import CheckFailed, accuracy_gate, assert_parity, parity
-from export.onnx_io import OPSET, export_onnx, load_model, write_metadata
+from export.onnx_io import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx, load_model, write_metadata
 from export.variants import convert_fp16, cpu_session, cuda_session, ms_per_image, quantize_int8, run_batched
 from serving.imaging import as_uploads, normalize
 from serving.model_files import CARD, VARIANT_FILES, sha256 as sha256_file
@@ -110,7 +110,7 @@ def _export_into(tmp: Path, checkpoint: Path, ckpt: dict, model, config, opts: E
     session = cpu_session(fp32)
     for b in SHAPE_BATCHES:
         x = np.zeros((b, config.in_channels, config.image_size, config.image_size), np.float32)
-        shape = session.run(None, {"image": x})[0].shape
+        shape = session.run(None, {INPUT_NAME: x})[0].shape
         if shape != (b, config.num_classes):
             raise CheckFailed(f"shape check: batch {b} gave output {shape}, expected {(b, config.num_classes)}")
     opts.say(f"output shapes: ok for batch sizes {', '.join(map(str, SHAPE_BATCHES))} -> (N, {config.num_classes})")
@@ -184,8 +184,8 @@ def _export_into(tmp: Path, checkpoint: Path, ckpt: dict, model, config, opts: E
         "name": opts.name,
         "class_names": list(config.class_names),
         "input_contract": config.input_contract(),
-        "input_name": "image",
-        "output_name": "logits",
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
         "model_config": config.to_dict(),
         "test_accuracy": base_acc,
         "test_images": int(len(labels)),

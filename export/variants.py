@@ -30,8 +30,7 @@ def cuda_session(path: str | os.PathLike) -> ort.InferenceSession | None:
 
     if "CUDAExecutionProvider" not in ort.get_available_providers() or cuda_device_count() == 0:
         return None
-    if hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()
+    ort.preload_dlls()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     s = ort.InferenceSession(str(path), opts, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])

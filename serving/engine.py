@@ -218,7 +218,7 @@ class Engine:
         s = self.settings
         ort.disable_telemetry_events()  # the service sends nothing anywhere (deploy: egress denied)
         cuda = self._wants_cuda()
-        if cuda and hasattr(ort, "preload_dlls"):
+        if cuda:
             try:  # CUDA/cuDNN from the nvidia-* pip wheels, when they are installed
                 ort.preload_dlls()
             except Exception as e:  # noqa: BLE001 - a missing library shows up as the CPU fallback below

@@ -36,8 +36,8 @@ RUNTIME_ARGS = {
 KEPT_ON_RESUME = {"amp": "auto", "channels_last": "auto", "compile": False}
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train NiN (d2l 8.3) on Fashion-MNIST at 224x224.", add_help=add_help)
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train NiN (d2l 8.3) on Fashion-MNIST at 224x224.")
     p.add_argument("--preset", choices=sorted(PRESETS), default="strong", help="training recipe (default: strong)")
     p.add_argument("--out", default="runs/nin", help="run folder for checkpoints and metrics (default: runs/nin)")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files (default: search)")
