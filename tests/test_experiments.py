@@ -184,17 +184,20 @@ def test_the_protocol_section_reads_the_full_runs_and_names_a_collapse(tmp_path)
 
     head = "epoch,train_loss,train_acc,image_size,test_loss,test_acc,hardware,amp\n"
     runs = {"dead": [(2.25, 2.26, 0.19), (1.6, 1.5, 0.45), (1.9, 2.302585, 0.1), (2.302585, 2.302585, 0.1)],
-            "back": [(2.25, 2.26, 0.19), (1.9, 2.302585, 0.1), (1.2, 0.9, 0.71)]}
+            "back": [(2.25, 2.26, 0.19), (1.9, 2.302585, 0.1), (1.2, 0.9, 0.71)],
+            "alive": [(2.25, 2.26, 0.19), (1.6, 1.5, 0.45)]}
     for name, rows in runs.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.csv").write_text(head + "".join(
             f"{i + 1},{tr},0.5,224,{te},{acc},2-core CPU,bfloat16\n" for i, (tr, te, acc) in enumerate(rows)))
-    text = "\n".join(section_protocol((tmp_path / "dead", tmp_path / "back", tmp_path / "never-ran")))
-    assert "| 4 | 2.3026 / 2.3026 / 0.1000 |  |" in text and "| 3 | 1.9000 / 2.3026 / 0.1000 | 1.2000 / 0.9000 / 0.7100 |" in text
+    text = "\n".join(section_protocol((tmp_path / "dead", tmp_path / "back", tmp_path / "alive", tmp_path / "never-ran")))
+    assert "| 4 | 2.3026 / 2.3026 / 0.1000 |  |  |" in text and "| 3 | 1.9000 / 2.3026 / 0.1000 | 1.2000 / 0.9000 / 0.7100 |  |" in text
     assert "`dead` (4 of 10 epochs): epoch 1's mean train loss 2.2500 against ln 10 = 2.3026" in text
     assert "best 0.4500 at epoch 2, last 0.1000" in text
     assert "collapsed back to ln 10 in epoch 3 and stayed there" in text
     assert "best 0.7100 at epoch 3" in text and text.count("collapsed") == 1
+    assert "(every image one class) in epochs 2." in text and "`alive` (2 of 10 epochs)" in text
+    assert text.count("test loss never at ln 10") == 1  # `alive`; `back` sat there in epoch 2
     assert section_protocol((tmp_path / "never-ran",)) == []
 
 

@@ -465,7 +465,8 @@ def section_protocol(runs: tuple[Path, ...] = PROTOCOL_RUNS) -> list[str]:
         dead_from = next((e for e in at_ln10 if e > best_i + 1 and set(range(e, len(rows) + 1)) <= set(at_ln10)), None)
         text = (f"`{run.name}` ({len(rows)} of 10 epochs): epoch 1's mean train loss {float(rows[0]['train_loss']):.4f} "
                 f"against ln 10 = {LN10:.4f} (the stall at the start); best {accs[best_i]:.4f} at epoch {best_i + 1}, last {accs[-1]:.4f}; "
-                f"test loss at ln 10 (every image one class) in epochs {', '.join(map(str, at_ln10)) or 'none'}")
+                + (f"test loss at ln 10 (every image one class) in epochs {', '.join(map(str, at_ln10))}" if at_ln10
+                   else "test loss never at ln 10 (no collapse to one class)"))
         if dead_from:
             text += f": it learned, then collapsed back to ln 10 in epoch {dead_from} and stayed there"
         answers.append(text + ".")
