@@ -85,11 +85,9 @@ class MicroBatcher:
         return await fut
 
     async def _next(self):
-        if self._carry is not None:
-            item, self._carry = self._carry, None
-        else:
-            item = await self._queue.get()
-        return item
+        """The item carried over from the last batch, else the next one queued."""
+        item, self._carry = self._carry, None
+        return item if item is not None else await self._queue.get()
 
     def _waiting(self) -> bool:
         return self._carry is not None or not self._queue.empty()
@@ -100,9 +98,8 @@ class MicroBatcher:
         items, n = [first], len(first[0])
         deadline = time.perf_counter() + self.max_wait
         while n < cap:
-            if self._carry is not None:
-                item, self._carry = self._carry, None
-            else:
+            item, self._carry = self._carry, None
+            if item is None:
                 try:  # whatever queued up while the last batch ran joins at once ...
                     item = self._queue.get_nowait()
                 except asyncio.QueueEmpty:
