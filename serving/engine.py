@@ -59,6 +59,27 @@ class Settings:
     drain_s: float = 5.0
     shutdown_timeout_s: float = 20.0
 
+    def __post_init__(self) -> None:
+        """Every range checked here, for settings read from the environment or built in code:
+        a bad value stops the start in one line (ModelLoadError)."""
+        for ok, rule, got in (
+            (self.max_batch_size >= 1, "NIN_MAX_BATCH_SIZE must be >= 1", self.max_batch_size),
+            (self.max_wait_ms >= 0, "NIN_MAX_WAIT_MS must be >= 0", self.max_wait_ms),
+            (self.threads >= 0, "NIN_THREADS must be >= 0 (0 = auto)", self.threads),
+            (self.lanes >= -1, "NIN_LANES must be -1 (auto), 0 (off) or a count", self.lanes),
+            (self.max_bytes >= 1, "NIN_MAX_BYTES must be >= 1", self.max_bytes),
+            (self.max_pixels >= 1, "NIN_MAX_PIXELS must be >= 1", self.max_pixels),
+            (self.max_batch_images >= 1, "NIN_MAX_BATCH_IMAGES must be >= 1", self.max_batch_images),
+            (self.latency_budget_ms > 0, "NIN_LATENCY_BUDGET_MS must be > 0", self.latency_budget_ms),
+            (self.max_queue >= 0, "NIN_MAX_QUEUE must be >= 0", self.max_queue),
+            (self.drain_s >= 0, "NIN_DRAIN_SECONDS must be >= 0", self.drain_s),
+            (self.shutdown_timeout_s > 0, "NIN_SHUTDOWN_TIMEOUT must be > 0", self.shutdown_timeout_s),
+            (self.device in ("auto", "cuda", "cpu"), "NIN_DEVICE must be auto, cuda or cpu", self.device),
+            (self.variant in ("auto", *model_files.VARIANT_FILES), "NIN_VARIANT must be auto, fp32, int8 or fp16", self.variant),
+        ):
+            if not ok:
+                raise ModelLoadError(f"{rule}, got {got!r}")
+
     @classmethod
     def from_env(cls) -> "Settings":
         e = os.environ.get
@@ -78,24 +99,6 @@ class Settings:
             )
         except ValueError as err:
             raise ModelLoadError(f"bad NIN_* setting: {err}") from None
-        s = settings  # every range checked here, so a bad value stops the start in one line
-        for ok, rule, got in (
-            (s.max_batch_size >= 1, "NIN_MAX_BATCH_SIZE must be >= 1", s.max_batch_size),
-            (s.max_wait_ms >= 0, "NIN_MAX_WAIT_MS must be >= 0", s.max_wait_ms),
-            (s.threads >= 0, "NIN_THREADS must be >= 0 (0 = auto)", s.threads),
-            (s.lanes >= -1, "NIN_LANES must be -1 (auto), 0 (off) or a count", s.lanes),
-            (s.max_bytes >= 1, "NIN_MAX_BYTES must be >= 1", s.max_bytes),
-            (s.max_pixels >= 1, "NIN_MAX_PIXELS must be >= 1", s.max_pixels),
-            (s.max_batch_images >= 1, "NIN_MAX_BATCH_IMAGES must be >= 1", s.max_batch_images),
-            (s.latency_budget_ms > 0, "NIN_LATENCY_BUDGET_MS must be > 0", s.latency_budget_ms),
-            (s.max_queue >= 0, "NIN_MAX_QUEUE must be >= 0", s.max_queue),
-            (s.drain_s >= 0, "NIN_DRAIN_SECONDS must be >= 0", s.drain_s),
-            (s.shutdown_timeout_s > 0, "NIN_SHUTDOWN_TIMEOUT must be > 0", s.shutdown_timeout_s),
-            (s.device in ("auto", "cuda", "cpu"), "NIN_DEVICE must be auto, cuda or cpu", s.device),
-            (s.variant in ("auto", *model_files.VARIANT_FILES), "NIN_VARIANT must be auto, fp32, int8 or fp16", s.variant),
-        ):
-            if not ok:
-                raise ModelLoadError(f"{rule}, got {got!r}")
         return settings
 
 

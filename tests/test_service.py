@@ -75,6 +75,14 @@ def test_every_setting_out_of_range_fails_with_one_line(monkeypatch, env, error)
         Settings.from_env()
 
 
+def test_settings_built_in_code_are_checked_too():
+    """The same checks, in Settings itself: Engine(Settings(variant="bogus")) fails in one line."""
+    with pytest.raises(ModelLoadError, match="NIN_VARIANT must be auto, fp32, int8 or fp16, got 'bogus'"):
+        Settings(variant="bogus")
+    with pytest.raises(ModelLoadError, match="NIN_MAX_BATCH_SIZE must be >= 1, got 0"):
+        Settings(max_batch_size=0)
+
+
 def test_altered_model_file_is_refused(served_model, tmp_path):
     import shutil
 
