@@ -94,6 +94,15 @@ def median_level(runs: list[dict]) -> dict:
     return out
 
 
+def paired(mine: list[dict], other: list[dict]) -> dict:
+    """Two arms' rounds side by side: median p50 difference (mine - other), rounds mine was
+    behind, median throughput ratio. Pairing by round takes out the minutes' noise both shared."""
+    diffs = [a["p50"] - b["p50"] for a, b in zip(mine, other)]
+    ratios = [a["throughput_img_s"] / b["throughput_img_s"] for a, b in zip(mine, other) if b["throughput_img_s"]]
+    return {"p50_diff_ms": round(statistics.median(diffs), 3), "behind": sum(d > 0 for d in diffs), "rounds": len(diffs),
+            "img_s_ratio": round(statistics.median(ratios), 3) if ratios else float("nan")}
+
+
 def markdown(result: dict) -> str:
     levels = result["levels"]
     head = "| arm | " + " | ".join(f"c={c} p50 ms | c={c} img/s | c={c} p99 ms" for c in levels) + " |"
@@ -113,6 +122,17 @@ def markdown(result: dict) -> str:
               "answered):", "", "| arm | " + " | ".join(f"c={c}" for c in levels) + " |", "|---|" + "---|" * len(levels)]
     for arm, by_level in result["arms"].items():
         lines.append(f"| {arm} | " + " | ".join(str(by_level[str(c)].get("server_cpu_ms_per_image", "–")) for c in levels) + " |")
+    first = next(iter(result["arms"]))
+    lines += ["", f"{first} against each other arm, paired by round (same round, same minutes): the median of its p50 "
+              "minus the other's (negative: ahead) and the rounds it was behind; its img/s over the other's:", "",
+              "| arm | " + " | ".join(f"c={c} p50 diff ms, rounds behind | c={c} img/s ratio" for c in levels) + " |",
+              "|---|" + "---|---|" * len(levels)]
+    for arm in list(result["arms"])[1:]:
+        cells = []
+        for c in levels:
+            d = paired(result["arms"][first][str(c)]["rounds"], result["arms"][arm][str(c)]["rounds"])
+            cells.append(f"{d['p50_diff_ms']:+.2f}, {d['behind']} of {d['rounds']} | {d['img_s_ratio']:.2f}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     ip = result.get("in_process")
     if ip:
         lines += ["", f"In process, no server (onnxruntime's defaults, the same image): batch 1 {ip['batch1_ms']} ms; "

@@ -173,6 +173,22 @@ def test_ab_takes_medians_over_rounds_and_names_failures():
     assert "| service | 3.5 | 280.0 [2 failed: HTTP 429, HTTP 503] | 6 |" in table and "batch 1 1.5 ms" in table
 
 
+def test_ab_pairs_the_first_arm_with_each_other_by_round():
+    """The verdict a noisy VM allows: round by round against each peer, not medians alone."""
+    from bench.ab import markdown, median_level, paired
+
+    def level(*p50s):
+        return median_level([dict(p50=p, p90=p, p99=p, mean=p, throughput_img_s=1000 / p, rejected_share=0.0, errors=0,
+                                  rejected_503=0) for p in p50s])
+
+    service, peer = level(3.0, 5.0, 4.0), level(3.5, 4.8, 4.5)
+    d = paired(service["rounds"], peer["rounds"])
+    assert d == {"p50_diff_ms": -0.5, "behind": 1, "rounds": 3, "img_s_ratio": 1.125}  # rounds: 3.5/3, 4.8/5, 4.5/4
+    table = markdown({"variant": "int8", "hardware": "2-core test CPU", "rounds": 3, "duration_s": 5, "levels": [1],
+                      "arms": {"service": {"1": service}, "peer": {"1": peer}}, "in_process": None})
+    assert "| peer | -0.50, 1 of 3 | 1.12 |" in table
+
+
 def test_ab_refuses_bad_arguments_in_one_line(capsys):
     from bench.ab import main
 
