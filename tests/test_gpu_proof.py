@@ -156,5 +156,5 @@ def test_gpu_serve_proof_skips_and_names_what_its_budget_leaves_out(tmp_path):
     spec.loader.exec_module(gsp)
     assert gsp.main(["--out", str(tmp_path), "--dry-run", "--part", "serve", "--budget-s", "1"]) == 0
     s = json.loads((tmp_path / "summary.json").read_text())
-    assert [x.split(":")[0] for x in s["skipped_steps"]] == ["bentoml serve with 1 workers", "bentoml serve with 2 workers"]
+    assert [x.split(":")[0] for x in s["skipped_steps"]] == ["bentoml serve with 2 workers"]  # SERVE_PLAN_DRY
     assert s["serve_by_workers"] == {}
