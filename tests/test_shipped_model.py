@@ -45,15 +45,21 @@ def uploads():
 
 
 @pytest.fixture(scope="module")
-def served(uploads):
+def variants() -> dict:
+    """The card's entry per exported variant (its gate, its accuracy on the 10,000 images)."""
+    return json.loads((SHIPPED / "card.json").read_text())["variants"]
+
+
+@pytest.fixture(scope="module")
+def served(uploads, variants):
     """Each shipped variant's class for every upload, through a real `bentoml serve`; served once
     per variant and kept for the tests below."""
-    card = json.loads((SHIPPED / "card.json").read_text())
     cache: dict[str, list[int]] = {}
 
     def predictions(variant: str) -> list[int]:
-        if not card["variants"].get(variant, {}).get("passed"):
-            pytest.skip(f"{variant} was not shipped: {card['variants'].get(variant, {}).get('gate', 'not exported')}")
+        entry = variants.get(variant, {})
+        if not entry.get("passed"):
+            pytest.skip(f"{variant} was not shipped: {entry.get('gate', 'not exported')}")
         if variant not in cache:
             cache[variant] = serve_all(variant, uploads[0])
         return cache[variant]
@@ -84,11 +90,11 @@ def serve_all(variant: str, pngs: list[bytes]) -> list[int]:
 
 
 @pytest.mark.parametrize("variant", ["fp32", "int8"])
-def test_served_accuracy_on_the_full_test_set_equals_the_card(variant, uploads, served):
+def test_served_accuracy_on_the_full_test_set_equals_the_card(variant, uploads, served, variants):
     # The exporter measures each variant on the same PIL-resized images these PNGs hold
     # (serving.imaging.as_uploads), so served accuracy equals the card's: within 0.05 pp.
-    expected = json.loads((SHIPPED / "card.json").read_text())["variants"][variant]["accuracy"]
     preds, labels = served(variant), uploads[1]
+    expected = variants[variant]["accuracy"]
     assert len(preds) == len(labels)
     accuracy = float(np.mean(np.array(preds) == labels))
     assert abs(accuracy - expected) <= 0.0005, (variant, accuracy, expected)
