@@ -42,6 +42,7 @@ ARMS: dict[str, tuple] = {
     "workers-1-batch16": (SERVE + ["bench.arms:svc"], {"NIN_AB_ARM": "service", "NIN_WORKERS": "1"}, "/classify_batch",
                           "images", "/readyz", 16),
     "fastapi-routes": (SERVE + ["bench.arms:svc"], {"NIN_AB_ARM": "fastapi-routes"}, "/classify", "image", "/readyz"),
+    "no-bentoml-layers": (SERVE + ["bench.arms:svc"], {"NIN_AB_ARM": "no-bentoml-layers"}, "/classify", "image", "/readyz"),
     "max-concurrency": (SERVE + ["bench.arms:svc"], {"NIN_AB_ARM": "max-concurrency", "NIN_MAX_QUEUE": "100000"},
                         "/classify", "image", "/readyz"),
     **{f"adaptive-{ms}": (SERVE + ["bench.arms:svc"], {"NIN_AB_ARM": "adaptive", "NIN_AB_MAX_LATENCY_MS": str(ms),

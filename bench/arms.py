@@ -10,6 +10,8 @@
 - `bentoml-parsing`: no http.Edge at all: the typed endpoints' bodies go to BentoML's parser as sent
   (bench/typed_ab.py).
 - `no-drain`: SIGTERM left to uvicorn (start with `--timeout-graceful-shutdown`; bench/drain_ab.py).
+- `no-bentoml-layers`: BentoML's outer middlewares (request metrics, OpenTelemetry, timeout,
+  max-concurrency) turned into pass-throughs: what they cost a request, not a way to serve.
 - `adaptive`: BentoML's adaptive batching, `@bentoml.api(batchable=True, max_batch_size=16,
   max_latency_ms=NIN_AB_MAX_LATENCY_MS)` at POST /classify_adaptive (field `images`), on the
   same engine, decoding and answer as the service, without the micro-batcher and its lanes.
@@ -62,5 +64,16 @@ else:
         svc.middlewares.clear()
     elif ARM == "no-drain":
         Drain.install = lambda self: False  # uvicorn keeps its own SIGTERM handler
+    elif ARM == "no-bentoml-layers":
+        from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
+        from bentoml._internal.server.http.traffic import MaxConcurrencyMiddleware, TimeoutMiddleware
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+        async def pass_through(self, scope, receive, send):  # a coroutine function: asgiref takes a lambda for ASGI 2
+            await self.app(scope, receive, send)
+
+        for layer in (RunnerTrafficMetricsMiddleware, OpenTelemetryMiddleware, TimeoutMiddleware, MaxConcurrencyMiddleware):
+            layer.__call__ = pass_through
     elif ARM != "service":
-        raise SystemExit(f"NIN_AB_ARM must be service, fastapi-routes, max-concurrency, bentoml-parsing, no-drain or adaptive, got {ARM!r}")
+        raise SystemExit(f"NIN_AB_ARM must be service, fastapi-routes, max-concurrency, bentoml-parsing, no-drain, "
+                         f"no-bentoml-layers or adaptive, got {ARM!r}")
