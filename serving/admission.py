@@ -29,11 +29,9 @@ class Admission:
     def __init__(self, limit: int | None = None, full_batch_ms: float = 0.0, max_batch_size: int = 1) -> None:
         self.limit, self.full_batch_ms, self.max_batch_size = limit, full_batch_ms, max_batch_size
         self.in_system = 0
-        self.refused = 0
 
     def try_enter(self, n: int) -> bool:
         if self.limit is not None and self.in_system and self.in_system + n > self.limit:
-            self.refused += 1
             return False
         self.in_system += n
         return True

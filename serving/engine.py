@@ -21,8 +21,7 @@ from serving.model_files import ModelLoadError
 
 log = logging.getLogger("serving")
 
-# cuDNN's EXHAUSTIVE search re-benchmarks every new input shape (hundreds of ms each), and
-# adaptive batching produces many shapes; HEURISTIC picks an algorithm without benchmarking.
+# cuDNN's EXHAUSTIVE search benchmarks each new batch shape; HEURISTIC picks without benchmarking.
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"}
 
 
@@ -34,28 +33,22 @@ class Settings:
     variant: str = "auto"  # auto | fp32 | int8 | fp16
     max_batch_size: int = 16
     max_wait_ms: float = 0.0
-    # BentoML worker processes (NIN_WORKERS, default: one per two available cores). Each runs its
-    # own HTTP side, decoding and sessions; one process cannot use more than about one core for
-    # them (docs/decisions.md "Workers").
-    workers: int = 1
+    workers: int = 1  # BentoML worker processes (docs/decisions.md "Workers")
     threads: int = 0  # intra-op threads of the latency lane's session; 0 = the worker's share of the cores
-    # Whether the latency lane's idle intra-op threads spin (onnxruntime's default) or sleep.
-    # With one worker it runs only when nothing else does, so spinning costs the HTTP side
-    # little; with several, one worker's spinning threads would take another's core: off.
+    # the latency lane's idle threads spin (onnxruntime's default); off with several workers,
+    # whose spinning threads would take each other's cores
     spinning: bool = True
-    # Throughput lanes: single-threaded sessions that run batches side by side under load;
-    # -1 = one per core on the CPU with one worker (none with one core, several workers, or a
-    # GPU), 0 = off.
+    # throughput lanes, single-threaded sessions side by side under load: -1 = one per core on a
+    # CPU with one worker (else none), 0 = off
     lanes: int = -1
     max_bytes: int = 10 * 2**20
     max_pixels: int = 4096 * 4096
     max_batch_images: int = 64
-    # Overload: at most `max_queue` images in the service (0 = derived from the budget and the
-    # measured time of a full batch, serving/admission.py); past it, 503 with Retry-After.
+    # at most max_queue images in the service, past it 503 (0 = from the budget, serving/admission.py)
     latency_budget_ms: float = 500.0
     max_queue: int = 0
-    # Graceful drain on SIGTERM (serving/drain.py): serve drain_s more seconds with readiness
-    # failing, then answer what is in flight within shutdown_timeout_s, then exit.
+    # SIGTERM: drain_s more seconds with readiness failing, then in-flight answered within
+    # shutdown_timeout_s (serving/drain.py)
     drain_s: float = 5.0
     shutdown_timeout_s: float = 20.0
 

@@ -119,15 +119,9 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def multipart_error(err: MultiPartException, max_files: int) -> InputError:
-    if "too many files" in str(err).lower():  # Starlette's own count, before ours could run
-        return InputError(413, "too_many_images", f"more than {max_files} images; the limit is {max_files}")
-    return InputError(400, "bad_multipart", str(err))
-
-
 async def parse_multipart(headers: Headers, body: bytes, max_files: int, max_bytes: int) -> FormData:
     """A multipart body already held whole, parsed by Starlette (at most `max_files` files, 16
-    fields, `max_bytes` a part); a bad one is a 4xx InputError (multipart_error). The caller
+    fields, `max_bytes` a part); a bad one is a 4xx InputError. The caller
     closes the form (its files may be spooled to disk)."""
     async def stream():
         yield body
@@ -136,7 +130,9 @@ async def parse_multipart(headers: Headers, body: bytes, max_files: int, max_byt
         return await MultiPartParser(headers, stream(), max_files=max_files, max_fields=16,
                                      max_part_size=max_bytes).parse()
     except MultiPartException as err:
-        raise multipart_error(err, max_files) from None
+        if "too many files" in str(err).lower():  # Starlette's own count, before ours could run
+            raise InputError(413, "too_many_images", f"more than {max_files} images; the limit is {max_files}") from None
+        raise InputError(400, "bad_multipart", str(err)) from None
 
 
 async def receive_upload(request: Request, e, field: str) -> tuple[str, bytes]:
@@ -173,26 +169,25 @@ def _flag(request: Request, name: str) -> bool:
     return raw in ("1", "true", "yes")
 
 
-def parse_top_k(raw, n_classes: int | None) -> int:
+def parse_top_k(raw, n_classes: int) -> int:
     """top_k as a client sent it, checked in one place: at most three ASCII digits (isdigit() takes
-    "٣", int() refuses 4,300 digits), from 1 to n_classes (any, when None: no model yet)."""
+    "٣", int() refuses 4,300 digits), from 1 to n_classes."""
     text = raw.strip() if isinstance(raw, str) else ""
     k = int(text) if text and len(text) <= 3 and text.isascii() and text.isdigit() else 0
-    if not 1 <= k <= (n_classes or 999):
-        limit = f"from 1 to {n_classes}" if n_classes else "from 1 to the number of classes"
+    if not 1 <= k <= n_classes:
         shown = (raw if len(raw) <= 20 else raw[:20] + "...") if isinstance(raw, str) else "a file"
-        raise InputError(422, "bad_top_k", f"top_k must be an integer {limit}, got {shown!r}")
+        raise InputError(422, "bad_top_k", f"top_k must be an integer from 1 to {n_classes}, got {shown!r}")
     return k
 
 
-async def classify(state: ServiceState | None, field: str, request: Request | None = None,
+async def classify(state: ServiceState, field: str, request: Request | None = None,
                    blobs: list[bytes] | None = None, top_k: int = 3) -> JSONResponse:
     """Every classify route's one path: the upload (from `request`, whose body it reads, or the
     `blobs` BentoML has read for a typed endpoint), admission, decoding, the micro-batcher, the
     answer. A request is admitted only once its body has arrived, so stalled uploads hold no
     place (docs/decisions.md)."""
     t0 = time.perf_counter()
-    if state is None or not state.open.is_set():
+    if not state.open.is_set():
         return not_ready()
     engine, single = state.engine, field == "image"
     limit, n_classes = 1 if single else engine.settings.max_batch_images, len(engine.class_names)

@@ -45,7 +45,7 @@ class Decoded:
 
 
 def open_upload(data: bytes, max_pixels: int) -> Image.Image:
-    """Read an upload's header only (tens of µs): reject what is not a supported image of sane
+    """Read an upload's header only: reject what is not a supported image of sane
     size before any pixel is decoded. finish() decodes it."""
     if not data:
         raise InputError(400, "empty_body", "the upload is empty; send a PNG/JPEG/BMP/TIFF/WebP/GIF image")
@@ -70,8 +70,8 @@ def open_upload(data: bytes, max_pixels: int) -> Image.Image:
 def load(img: Image.Image, size: int | None = None) -> tuple[Image.Image, str | None]:
     """Decode the pixels (first frame of an animation). With `size`, a JPEG at least twice that
     in both sides is decoded straight to grayscale at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
-    scaling, Pillow's `draft`), still at least `size` on each side: 3-4x less work for a phone
-    photo (docs/serving.md); the bilinear resize then does the rest."""
+    scaling, Pillow's `draft`), still at least `size` on each side (docs/decisions.md); the
+    bilinear resize then does the rest."""
     note = None
     if size and img.format == "JPEG" and min(img.size) >= 2 * size:
         mode, before = img.mode, img.size

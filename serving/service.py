@@ -123,30 +123,24 @@ class NiNClassifier:
             settings = dataclasses.replace(settings, model=self.model.path)
         self.engine = Engine(settings)
         self.state = http.ServiceState(self.engine)
-        settings = self.engine.settings
         self.drain = Drain(settings.drain_s, settings.shutdown_timeout_s)
         if self.drain.install() and in_bentoml_worker():  # drain on SIGTERM, in the worker ...
             exit_with_parent()  # ... including the one Linux sends when the arbiter dies
         # several workers: ready once every one is warm (their marks in ready_dir)
-        n = settings.workers
-        self.marks = ready_dir(os.getppid()) if n > 1 and in_bentoml_worker() else None
+        self.marks = ready_dir(os.getppid()) if settings.workers > 1 and in_bentoml_worker() else None
         if self.marks is not None:
             self.marks.mkdir(parents=True, exist_ok=True)
-        self.all_warm = n == 1 or self.marks is None
-        # warm up off the start-up path: /livez answers at once, /readyz once this is done
-        self.warmed = threading.Event()
+        self.all_warm = self.marks is None
+        # warm up off the start-up path: /livez answers at once, /readyz once the routes open
         threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
 
     def _warm_up(self) -> None:
         imaging.warm_up(self.engine.contract, self.engine.settings.max_pixels)
         self.engine.warm_up()
-        # The start-up heap (BentoML, FastAPI, onnxruntime) lives as long as the process: frozen,
-        # full collections scan only what requests make (docs/decisions.md). Frozen before the
-        # routes open, so no request's objects are frozen with it.
+        # the start-up heap frozen, before the routes open (docs/decisions.md)
         gc.collect()
         gc.freeze()
         self.state.arm_admission()  # the classify routes answer from here on (503 not_ready before)
-        self.warmed.set()
         if self.marks is not None:
             (self.marks / str(os.getpid())).touch()
 
@@ -160,7 +154,7 @@ class NiNClassifier:
                 self.marks.rmdir()
 
     def __is_ready__(self) -> bool:
-        if not self.warmed.is_set() or self.drain.draining.is_set():
+        if not self.state.open.is_set() or self.drain.draining.is_set():
             return False
         if not self.all_warm:  # the marks of live workers (a crashed one's stays behind)
             self.all_warm = sum(psutil.pid_exists(int(m.name)) for m in self.marks.iterdir()) >= self.engine.settings.workers

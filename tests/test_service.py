@@ -160,6 +160,7 @@ def test_bad_uploads_get_4xx_json(client, name):
     (dict(files={"file": ("x.png", b"x", "image/png")}), 422, "missing_field"),
     (dict(content=b"{}", headers={"Content-Type": "application/json"}), 415, "unsupported_media_type"),
     (dict(content=b"x"), 415, "unsupported_media_type"),
+    (dict(content=b"x", headers={"Content-Type": "multipart/form-data"}), 400, "bad_multipart"),  # no boundary
 ])
 def test_request_shape_errors(client, kwargs, status, error):
     r = client.post("/classify", **kwargs)
@@ -168,12 +169,12 @@ def test_request_shape_errors(client, kwargs, status, error):
 
 
 @pytest.mark.parametrize("raw, n, expected", [
-    ("3", 10, 3), (" 7 ", 10, 7), ("010", 10, 10), ("10", None, 10),
+    ("3", 10, 3), (" 7 ", 10, 7), ("010", 10, 10), ("1", 1, 1),
     ("0", 10, None), ("11", 10, None), ("-1", 10, None), ("", 10, None), ("three", 10, None),
     ("\u0663", 10, None),  # Arabic-Indic 3: str.isdigit() is true, int() takes it, BentoML's parser does not
     ("\u00b2", 10, None),  # superscript 2: str.isdigit() is true, int() refuses it
     ("1" * 5000, 10, None),  # int() refuses over 4,300 digits: that was a 500 on every route
-    ("1000", None, None), (b"3", 10, None),
+    ("1000", 10, None), (b"3", 10, None),
 ])
 def test_parse_top_k(raw, n, expected):
     if expected is not None:
@@ -440,7 +441,7 @@ def test_several_workers_are_ready_only_once_every_live_one_is_warm(service_cls,
 
     warmed = threading.Event()
     warmed.set()
-    fake = SimpleNamespace(warmed=warmed, drain=SimpleNamespace(draining=threading.Event()), all_warm=False,
+    fake = SimpleNamespace(state=SimpleNamespace(open=warmed), drain=SimpleNamespace(draining=threading.Event()), all_warm=False,
                            marks=tmp_path, engine=SimpleNamespace(settings=SimpleNamespace(workers=2)))
     is_ready = MethodType(service_cls.inner.__is_ready__, fake)
     (tmp_path / str(os.getpid())).touch()
