@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.model_files import CARD
+
 
 def ort_baseline(path: Path, x: np.ndarray, batches=(1, 8, 16, 32, 64), repeats: int = 3, provider: str = "cpu") -> dict:
     """onnxruntime with its default settings (threads on every core, spinning on)."""
@@ -39,7 +41,7 @@ def torch_baseline(folder: Path, x: np.ndarray, repeats: int = 20) -> dict:
     from training.config import NiNConfig
     from training.model import NiN
 
-    card = json.loads((folder / "card.json").read_text())
+    card = json.loads((folder / CARD).read_text())
     model = NiN(NiNConfig.from_dict(card["model_config"])).eval()
     out = {}
     with torch.inference_mode():

@@ -26,6 +26,7 @@ from PIL import Image
 
 from bench.images import real_test_pngs
 from bench.servers import ROOT, free_port, start_server, stop_server, wait_ready
+from serving.model_files import CARD
 
 
 def large_png(width: int, height: int) -> bytes:
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print("error: --size is WxH with positive integers; --clients, --duration and --every positive", file=sys.stderr)
         return 2
-    if not args.url and not (Path(args.model) / "card.json").is_file():
+    if not args.url and not (Path(args.model) / CARD).is_file():
         print(f"error: no exported model in {args.model} (card.json missing)", file=sys.stderr)
         return 2
     smalls, _ = real_test_pngs(16)

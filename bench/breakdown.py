@@ -32,6 +32,7 @@ import httpx
 
 from bench.images import real_test_pngs
 from bench.servers import ROOT, free_port, start_reference, start_server, stop_server, wait_ready
+from serving.model_files import CARD
 
 PHASES = ("client", "in_app", "before", "inference", "after", "outside")
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if not variants or not set(variants) <= {"int8", "fp32"} or args.rounds < 1 or args.requests < 1:
         print("error: --variants takes int8 and/or fp32; --rounds and --requests must be positive", file=sys.stderr)
         return 2
-    if not (Path(args.model) / "card.json").is_file():
+    if not (Path(args.model) / CARD).is_file():
         print(f"error: no exported model in {args.model} (card.json missing)", file=sys.stderr)
         return 2
     pngs = real_test_pngs(100)[0]

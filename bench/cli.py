@@ -17,7 +17,7 @@ from bench.load import CpuMeter, combine_rounds, have_wrk, load_level, soak, wrk
 from bench.report import markdown, plot, targets
 from bench.servers import ROOT, Server, write_results
 from serving import imaging
-from serving.model_files import VARIANT_FILES, available_variants
+from serving.model_files import CARD, VARIANT_FILES, available_variants
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: wrk is not installed (apt-get install wrk), or pass --native-concurrency ''", file=sys.stderr)
         return 2
     folder = Path(args.model)
-    if not (folder / "card.json").is_file():
+    if not (folder / CARD).is_file():
         print(f"error: no exported model in {folder} (card.json missing)", file=sys.stderr)
         return 2
     if args.url:  # the running service says what it serves; ask before any slow step
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     else:
         variants = [v for v in args.variants.split(",") if v]
-        have = [v for v in available_variants(json.loads((folder / "card.json").read_text()))
+        have = [v for v in available_variants(json.loads((folder / CARD).read_text()))
                 if (folder / VARIANT_FILES[v]).is_file()]
         bad = [v for v in variants if v not in have]
         if bad or not variants:
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.runtime import hardware_name
 
     pngs, _ = real_test_pngs(args.images, args.data_dir)
-    card = json.loads((folder / "card.json").read_text())
+    card = json.loads((folder / CARD).read_text())
     contract = card["input_contract"]
     x = imaging.normalize([imaging.to_contract(p, contract, 10**8).image for p in pngs[:64]], contract)
     hardware = hardware_name(torch.device("cpu"))
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.soak and kind == "service" and v == variants[0]:
                     settle(url)
                     print(f"soak: {args.soak:,} requests ...", flush=True)
-                    pid = server.worker_pid() if server else httpx.get(f"{url}/model", timeout=10).json()["pid"]
+                    pid = httpx.get(f"{url}/model", timeout=10).json()["pid"]
                     result["soak"] = asyncio.run(soak(url, pngs, args.soak, 16, pid))
         finally:
             for server in servers.values():

@@ -141,11 +141,5 @@ class Server:
         whose CPU the bench counts (the service's worker runs in a process group of its own)."""
         return self.proc.pid
 
-    def worker_pid(self) -> int:
-        """The process that runs the model (the service's worker, or uvicorn itself)."""
-        if self.kind == "service":
-            return httpx.get(f"{self.url}/model", timeout=10).json()["pid"]
-        return self.root_pid
-
     def close(self) -> None:
         stop_server(self.proc)

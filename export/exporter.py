@@ -14,7 +14,7 @@ import onnx
 import torch
 
 from export.card import card_markdown, metadata_from_card, versions
-from export.checks import CheckFailed, accuracy_gate, assert_parity, parity
+from export.checks import CheckFailed, accuracy, accuracy_gate, assert_parity, parity
 from export.onnx_io import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx, load_model, write_metadata
 from export.variants import convert_fp16, cpu_session, cuda_session, ms_per_image, quantize_int8, run_batched
 from serving.imaging import as_uploads, normalize
@@ -153,9 +153,9 @@ def _export_into(tmp: Path, checkpoint: Path, ckpt: dict, model, config, opts: E
 
     variant_reports = {"fp32": {"file": FP32, "accuracy": base_acc, "passed": True, "gate": "reference"}}
     for k, path in variants.items():
-        acc = {"CPUExecutionProvider": float((logits[k].argmax(1) == labels).mean())}
+        acc = {"CPUExecutionProvider": accuracy(logits[k], labels)}
         if k in on_cuda:
-            acc["CUDAExecutionProvider"] = float((logits[f"{k}-cuda"].argmax(1) == labels).mean())
+            acc["CUDAExecutionProvider"] = accuracy(logits[f"{k}-cuda"], labels)
         gates = {prov: accuracy_gate(base_acc, a) for prov, a in acc.items()}
         ok = all(g[0] for g in gates.values())
         why = "; ".join(f"{prov.removesuffix('ExecutionProvider')}: {g[1]}" for prov, g in gates.items())

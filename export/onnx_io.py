@@ -44,10 +44,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def write_metadata(model: onnx.ModelProto, meta: dict) -> None:
-    del model.metadata_props[:]
-    for key in META_KEYS:
-        if key in meta:
-            model.metadata_props.add(key=key, value=json.dumps(meta[key]))
+    onnx.helper.set_model_props(model, {key: json.dumps(meta[key]) for key in META_KEYS if key in meta})
 
 
 def read_metadata(model: onnx.ModelProto | dict) -> dict:

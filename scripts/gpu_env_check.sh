@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
 # `make gpu-env-check`: the GPU machine's Python and library versions, on this CPU, before a GPU
-# run spends device time. The GPU machine (KINDS.md of the device tool, read 2026-11) runs
-# Python 3.12 with torch 2.11.0, torchvision 0.26.0, numpy 2.5.2, onnx 1.23.1, onnxruntime 1.30.0
-# and onnxscript 0.7.2, without bentoml; this project's own venv has Python 3.11 and torch 2.14.1.
-# This builds a Python 3.12 venv with those versions (PyPI's torch 2.11 wheel and its CUDA
-# libraries: ~4 GB, once, into the ignored .gpu/venv312) and runs there, on the CPU:
+# run spends device time. The GPU machine's versions (PINS below; docs/gpu.md) differ from this
+# project's venv, so this builds a Python 3.12 venv with them (once, into the ignored
+# .gpu/venv312) and runs there, on the CPU:
 #   - the GPU proof's dry run, both stages (scripts/gpu_proof.py --dry-run, --stage grid);
 #   - the training, export and exercise-grid tests (bentoml's store test aside: no bentoml there).
 # Usage: make gpu-env-check  [PY312=/path/to/python3.12]

@@ -1,8 +1,8 @@
 """Carry onnxruntime-gpu and the served package's other requirements (bentoml, fastapi, ...) to the GPU machine in parts (stage 4).
 
 The GPU machine has no package index and takes at most 64 MiB per call, the working tree
-(~15 MB) included. onnxruntime-gpu 1.31.1 for cp312 is a 255 MB wheel, almost all of it one
-library, `libonnxruntime_providers_cuda.so` (284 MB; ~185 MB with xz -9). So:
+included; onnxruntime-gpu's wheel is almost all one library, `libonnxruntime_providers_cuda.so`
+(sizes: docs/gpu.md). So:
 
   here:   python scripts/gpu_parts.py lock       (after a change to serving/requirements.txt)
           resolves onnxruntime-gpu and serving/requirements.txt for cp312 on manylinux x86-64 and
@@ -11,7 +11,7 @@ library, `libonnxruntime_providers_cuda.so` (284 MB; ~185 MB with xz -9). So:
           python scripts/gpu_parts.py prepare --out .gpu/parts
           downloads exactly the locked wheels (pip --require-hashes), takes the CUDA provider
           library out of the onnxruntime-gpu wheel, keeps in it only the Hopper (sm_90) kernels
-          (prune_fatbin: 284 MB -> 52 MB with xz instead of 185), xz-compresses it, cuts
+          (prune_fatbin), xz-compresses it, cuts
           everything into chunks and packs folders .gpu/parts/01, 02, ... of at most --part-mb MB
           each, each with the manifest. It prints the plan.
   there, one call per part, back to back (the machine stays warm ~30 s between calls):
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("lock", help=f"here: resolve the wheels and pin them with their sha256 into {LOCK.name}")
     p = sub.add_parser("prepare", help="here: download the locked wheels, prune, compress, cut into parts")
     p.add_argument("--out", default=".gpu/parts", help="default: .gpu/parts")
-    p.add_argument("--part-mb", type=float, default=46.0, help="MB per part (default: 46; the tree is ~17 MB of the 64 MiB)")
+    p.add_argument("--part-mb", type=float, default=46.0, help="MB per part (default: 46; the working tree travels in the same 64 MiB)")
     p.add_argument("--first-part-mb", type=float, default=16.0,
                    help="MB in part 01, which travels beside the 30 MB of data (default: 16)")
     r = sub.add_parser("receive", help="there: take one part into the store")

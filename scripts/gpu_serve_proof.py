@@ -184,6 +184,7 @@ def agreement(card: dict, model: Path, provider: str, data_dir: str | None, limi
     """CUDA (or, dry, CPU) fp32 and fp16 against the CPU provider's fp32 on the test images."""
     from export.variants import run_batched
     from serving.imaging import as_uploads, normalize
+    from serving.model_files import VARIANT_FILES
     from training.data import find_data_root, load_split
 
     images, labels = load_split(find_data_root(data_dir, allow_download=False), train=False)
@@ -191,9 +192,9 @@ def agreement(card: dict, model: Path, provider: str, data_dir: str | None, limi
         images, labels = images[:limit], labels[:limit]
     labels = labels.numpy()
     contract = card["input_contract"]
-    variants = [v for v in ("fp32", "fp16") if (model / f"model{'' if v == 'fp32' else '.' + v}.onnx").is_file()]
-    ref = session(model / "model.onnx", CPU)
-    cand = {v: session(model / ("model.onnx" if v == "fp32" else f"model.{v}.onnx"), provider) for v in variants}
+    variants = [v for v in ("fp32", "fp16") if (model / VARIANT_FILES[v]).is_file()]
+    ref = session(model / VARIANT_FILES["fp32"], CPU)
+    cand = {v: session(model / VARIANT_FILES[v], provider) for v in variants}
     logits = {k: [] for k in ["cpu-fp32", *variants]}
     for i in range(0, len(images), 500):
         x = normalize(as_uploads(images[i : i + 500].numpy(), contract["image_size"]), contract)
@@ -277,9 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
 
     from serving.engine import cuda_device_count
+    from serving.model_files import CARD, VARIANT_FILES
 
     model = Path(args.model)
-    card = json.loads((model / "card.json").read_text())
+    card = json.loads((model / CARD).read_text())
     summary: dict = {"dry_run": args.dry_run, "part": args.part, "model": str(model), "budget_s": args.budget_s,
                      "onnxruntime": ort.__version__, "onnxruntime_file": ort.__file__,
                      "available_providers": ort.get_available_providers(), "cuda_devices": cuda_device_count()}
@@ -302,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             if CUDA not in ort.get_available_providers():
                 raise RuntimeError("this onnxruntime has no CUDA provider (PYTHONPATH=/tmp/site after assemble?)")
             ort.preload_dlls()  # CUDA 13 / cuDNN 9 from the machine's nvidia-* wheels (torch's)
-        s = session(model / "model.onnx", provider)
+        s = session(model / VARIANT_FILES["fp32"], provider)
         summary["active_providers"] = s.get_providers()
         log(out, f"environment: {json.dumps(summary)}")
         if not args.dry_run:
@@ -341,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             batches, repeats = ([1, 2], 2) if args.dry_run else ([1, 2, 4, 8, 16, 32, 64, 128, 256], 20)
             summary["in_process"] = {}
             for v in ("fp32", "fp16"):
-                path = model / ("model.onnx" if v == "fp32" else f"model.{v}.onnx")
+                path = model / VARIANT_FILES[v]
                 if path.is_file() and fits(f"in-process {v}", 15):
                     step = f"in-process {v}"
                     summary["in_process"][v] = in_process(path, provider, x_u8, contract, batches, repeats)
@@ -349,13 +351,13 @@ def main(argv: list[str] | None = None) -> int:
                     save()
             if fits("batches in flight", 15):
                 step = "batches in flight"
-                summary["in_flight"] = in_flight(model / "model.onnx", provider, x, 2 if args.dry_run else 64,
+                summary["in_flight"] = in_flight(model / VARIANT_FILES["fp32"], provider, x, 2 if args.dry_run else 64,
                                                  0.5 if args.dry_run else 2.0)
                 log(out, f"in flight: {json.dumps(summary['in_flight'])}")
                 save()
             if not args.dry_run and fits("cuDNN algorithm search", 20):
                 step = "cuDNN algorithm search"
-                summary["cudnn_conv_algo_search"] = algo_search(model / "model.onnx", x, [1, 16, 64, 256], 10)
+                summary["cudnn_conv_algo_search"] = algo_search(model / VARIANT_FILES["fp32"], x, [1, 16, 64, 256], 10)
                 log(out, f"cudnn_conv_algo_search: {json.dumps(summary['cudnn_conv_algo_search'])}")
                 save()
         if args.part in ("all", "serve"):

@@ -27,17 +27,12 @@ from training.runtime import Runtime, hardware_name, make_runtime, peak_memory_m
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
-def _device_us(evt) -> float:
-    # torch >= 2.4 names it device time; older releases cuda time
-    return float(getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0)))
-
-
 def summarize(events, steps: int, seconds: float) -> dict:
     """Counts of synchronising calls and copies, and device busy time, from profiler events."""
     names = Counter(e.name for e in events)
     syncs = {n: names[n] for n in SYNC_CALLS if names[n]}
     copies = {n: c for n, c in names.items() if n.startswith("Memcpy") or n.startswith("Memset")}
-    busy_us = sum(_device_us(e) for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     return {
         "steps": steps,
         "seconds": round(seconds, 3),
@@ -86,7 +81,7 @@ def run_profile(rt: Runtime, batch_size: int, steps: int, image_size: int = 224,
         "channels_last": rt.channels_last, "img_per_s": round(steps * batch_size / seconds, 1),
         "ms_per_step": round(seconds / steps * 1000, 2), "peak_mem_mb": round(peak_memory_mb(rt.device), 1),
     })
-    sort = "self_cuda_time_total" if rt.device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if rt.device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=25)
     return summary, table
 

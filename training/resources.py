@@ -7,6 +7,8 @@ any window, so the layer ignores them.
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from training.config import NiNConfig
@@ -61,9 +63,7 @@ def layer_table(config: NiNConfig, batch_size: int = 1, image_size: int | None =
         elif isinstance(m, nn.Flatten):
             shape = (c * h * w,)
         row["output_shape"] = list(shape)
-        n_out = batch_size
-        for d in shape:
-            n_out *= d
+        n_out = batch_size * math.prod(shape)
         row["activation_elems"] = n_out
         row["activation_bytes"] = n_out * FP32
         nxt = leaves[i + 1][1] if i + 1 < len(leaves) else None

@@ -43,8 +43,7 @@ def seeds_phrase(seeds: tuple[int, ...]) -> str:
 
 
 BUDGETS = {
-    # What 2 CPU cores do in the background in a few hours (~90 s per epoch at nice 19 when
-    # the machine is otherwise quiet): 112x112 keeps the head's question (a 384-channel map,
+    # What 2 CPU cores do in the background in a few hours: 112x112 keeps the head's question (a 384-channel map,
     # 2x2 here, 5x5 at 224) and costs 4x less than 224; every epoch is evaluated on all 10,000
     # test images; three training seeds per structural arm.
     "cpu": Budget("cpu", image_size=112, train_images=8_000, test_images=None, epochs=3, sweep_epochs=2,
