@@ -38,10 +38,10 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 "$VENV/bin/python" scripts/gpu_proof.py --dry-run --out "$out/train"
 "$VENV/bin/python" scripts/gpu_proof.py --dry-run --stage grid --out "$out/grid"
-# The dry run's end-to-end test calls `make gpu-proof`, which takes the project's venv where there is
-# one: deselected here (the two lines above are that run); so is the BentoML store test (no bentoml
-# on the GPU machine).
+# Deselected here: the dry run's end-to-end test (it calls `make gpu-proof`, which takes the project's
+# venv; the two lines above are that run), the serve proof's dry run (bentoml, aiohttp, ... travel in
+# parts: `make gpu-rehearsal` runs it) and the BentoML store test (no bentoml on the GPU machine).
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_train.py tests/test_export.py \
   tests/test_resources.py tests/test_data.py tests/test_experiments.py tests/test_gpu_proof.py tests/test_gpu.py \
-  -k "not bentoml_store and not gpu_proof_dry_run"
+  -k "not import_to_store and not gpu_proof_dry_run and not serve_proof_dry_run"
 echo "gpu-env-check: the GPU machine's versions pass on this CPU"
