@@ -198,6 +198,13 @@ def test_ab_refuses_bad_arguments_in_one_line(capsys):
     assert len(err) == 2 and all(line.startswith("error: bad arguments") for line in err) and "nginx" in err[0]
 
 
+def test_layers_refuses_a_bad_call_count_in_one_line(capsys):
+    from bench.layers import main
+
+    assert main(["--calls", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --calls must be at least 1, got 0"
+
+
 def test_null_model_has_the_contract_and_costs_next_to_nothing(tmp_path):
     """bench/null_model.py: the service loads it like the shipped model (card checked, same input
     and output), and it answers in a small fraction of the model's time."""

@@ -1,0 +1,108 @@
+"""`python -m bench.layers`: what each of BentoML's outer middlewares costs a /classify request.
+
+The service's ASGI app is called in process (no socket, no client), on the near-free model of
+bench/null_model.py so the serving path is all there is to time, with Prometheus in BentoML's
+multiprocess mode and uvloop, as in a worker. Call by call, in turn, each variant runs with one layer (or
+all four) made a pass-through; medians over every call. The wire-level counterpart is
+`python -m bench.ab --arms service,no-bentoml-layers,fastapi-async` (bench/arms.py).
+
+    .venv/bin/python -m bench.layers --calls 6000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+from bench.images import multipart_body, real_test_pngs
+from bench.servers import ROOT
+
+
+async def call(app, body: bytes, ctype: str) -> int:
+    """One POST /classify through `app`; its status."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/classify", "raw_path": b"/classify", "query_string": b"", "root_path": "", "state": {},
+             "headers": [(b"host", b"x"), (b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    sent, status = False, []
+
+    async def receive():
+        nonlocal sent
+        if sent:
+            await asyncio.sleep(3600)  # no disconnect while the answer is written
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    await app(scope, receive, send)
+    return status[0]
+
+
+async def measure(calls: int) -> dict[str, float]:
+    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
+    from bentoml._internal.server.http.traffic import MaxConcurrencyMiddleware, TimeoutMiddleware
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    from serving.service import NiNClassifier
+
+    layers = {"metrics": RunnerTrafficMetricsMiddleware, "opentelemetry": OpenTelemetryMiddleware,
+              "timeout": TimeoutMiddleware, "max-concurrency": MaxConcurrencyMiddleware}
+    original = {name: cls.__call__ for name, cls in layers.items()}
+
+    async def pass_through(self, scope, receive, send):
+        await self.app(scope, receive, send)
+
+    app = NiNClassifier.to_asgi()
+    startup = asyncio.Queue()
+    await startup.put({"type": "lifespan.startup"})
+    asyncio.get_running_loop().create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}},
+                                               startup.get, lambda message: asyncio.sleep(0)))
+    body, ctype = multipart_body(real_test_pngs(1)[0][0])
+    while await call(app, body, ctype) != 200:  # 503 not_ready until the warm-up is done
+        await asyncio.sleep(0.2)
+    variants = {"all layers": set(), **{f"without {name}": {name} for name in layers}, "without the four": set(layers)}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for i in range(calls + 200):
+        for variant, off in variants.items():
+            for name, cls in layers.items():
+                cls.__call__ = pass_through if name in off else original[name]
+            t = time.perf_counter()
+            status = await call(app, body, ctype)
+            if status != 200:
+                raise RuntimeError(f"{variant}: HTTP {status}")
+            if i >= 200:  # the first calls warm every path up
+                times[variant].append(time.perf_counter() - t)
+    return {v: statistics.median(t) * 1e6 for v, t in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="What each of BentoML's outer middlewares costs a request, in process.")
+    p.add_argument("--calls", type=int, default=6000, help="timed calls per variant (default: 6000)")
+    args = p.parse_args(argv)
+    if args.calls < 1:
+        print(f"error: --calls must be at least 1, got {args.calls}", file=sys.stderr)
+        return 2
+    from bench.null_model import make_null_model
+
+    os.environ["NIN_MODEL"] = str(make_null_model(tempfile.mkdtemp(prefix="nin-null-"), ROOT / "models" / "nin-fashion-mnist"))
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="nin-prom-"))
+    import uvloop  # uvicorn's loop in a BentoML worker
+
+    medians = uvloop.run(measure(args.calls))
+    base = medians["all layers"]
+    print(f"median µs per POST /classify, null model, {args.calls} calls per variant:")
+    for variant, us in medians.items():
+        print(f"  {variant:26s} {us:8.1f}" + (f"   (the layer costs {base - us:5.1f})" if variant != "all layers" else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
