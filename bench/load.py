@@ -21,19 +21,17 @@ from collections import Counter
 from pathlib import Path
 
 import aiohttp
-import httpx
 import numpy as np
 
 from bench.images import multipart_body
 from serving.procfs import read_status_kb
 
 
-def error_kind(response: httpx.Response | None, exc: Exception | None = None) -> str:
-    """One short line per failed request, so a report says what failed, not only how often."""
-    if exc is not None:
-        message = str(exc)[:80]
-        return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    return f"HTTP {response.status_code}: {response.text[:80]}"
+def error_kind(exc: Exception) -> str:
+    """One short line per request that failed with an exception (an HTTP failure is named by its
+    status and body where it is read), so a report says what failed, not only how often."""
+    message = str(exc)[:80]
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 async def classify(session: aiohttp.ClientSession, body: tuple[bytes, str], errors: Counter) -> dict | None:
@@ -49,7 +47,7 @@ async def classify(session: aiohttp.ClientSession, body: tuple[bytes, str], erro
             errors[f"HTTP {r.status}: {text[:80]}"] += 1
             after = r.headers.get("Retry-After", "")
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        errors[error_kind(None, e)] += 1
+        errors[error_kind(e)] += 1
         return None
     if r.status == 503 and after.isdigit():
         await asyncio.sleep(int(after))
