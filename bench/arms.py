@@ -65,14 +65,9 @@ else:
     elif ARM == "no-drain":
         Drain.install = lambda self: False  # uvicorn keeps its own SIGTERM handler
     elif ARM == "no-bentoml-layers":
-        from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
-        from bentoml._internal.server.http.traffic import MaxConcurrencyMiddleware, TimeoutMiddleware
-        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+        from bench.layers import bentoml_layers, pass_through
 
-        async def pass_through(self, scope, receive, send):  # a coroutine function: asgiref takes a lambda for ASGI 2
-            await self.app(scope, receive, send)
-
-        for layer in (RunnerTrafficMetricsMiddleware, OpenTelemetryMiddleware, TimeoutMiddleware, MaxConcurrencyMiddleware):
+        for layer in bentoml_layers().values():
             layer.__call__ = pass_through
     elif ARM != "service":
         raise SystemExit(f"NIN_AB_ARM must be service, fastapi-routes, max-concurrency, bentoml-parsing, no-drain, "

@@ -23,8 +23,24 @@ from bench.images import multipart_body, real_test_pngs
 from bench.servers import ROOT
 
 
+def bentoml_layers() -> dict[str, type]:
+    """The four middlewares BentoML puts in front of every route, outermost first."""
+    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
+    from bentoml._internal.server.http.traffic import MaxConcurrencyMiddleware, TimeoutMiddleware
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    return {"metrics": RunnerTrafficMetricsMiddleware, "opentelemetry": OpenTelemetryMiddleware,
+            "timeout": TimeoutMiddleware, "max-concurrency": MaxConcurrencyMiddleware}
+
+
+async def pass_through(self, scope, receive, send) -> None:
+    """A layer's `__call__` that only calls the app inside it (a coroutine function: asgiref takes
+    a plain function for an ASGI 2 app)."""
+    await self.app(scope, receive, send)
+
+
 async def call(app, body: bytes, ctype: str) -> int:
-    """One POST /classify through `app`; its status."""
+    """One POST /classify through `app` (no TestClient: its thread hop and httpx would be timed too); its status."""
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
              "path": "/classify", "raw_path": b"/classify", "query_string": b"", "root_path": "", "state": {},
              "headers": [(b"host", b"x"), (b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())],
@@ -47,19 +63,10 @@ async def call(app, body: bytes, ctype: str) -> int:
 
 
 async def measure(calls: int) -> dict[str, float]:
-    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
-    from bentoml._internal.server.http.traffic import MaxConcurrencyMiddleware, TimeoutMiddleware
-    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-
     from serving.service import NiNClassifier
 
-    layers = {"metrics": RunnerTrafficMetricsMiddleware, "opentelemetry": OpenTelemetryMiddleware,
-              "timeout": TimeoutMiddleware, "max-concurrency": MaxConcurrencyMiddleware}
+    layers = bentoml_layers()
     original = {name: cls.__call__ for name, cls in layers.items()}
-
-    async def pass_through(self, scope, receive, send):
-        await self.app(scope, receive, send)
-
     app = NiNClassifier.to_asgi()
     startup = asyncio.Queue()
     await startup.put({"type": "lifespan.startup"})

@@ -43,9 +43,9 @@ def seeds_phrase(seeds: tuple[int, ...]) -> str:
 
 
 BUDGETS = {
-    # What 2 CPU cores do in the background in a few hours: 112x112 keeps the head's question (a 384-channel map,
-    # 2x2 here, 5x5 at 224) and costs 4x less than 224; every epoch is evaluated on all 10,000
-    # test images; three training seeds per structural arm.
+    # What 2 CPU cores do in the background in a few hours: 112x112 keeps the head's question
+    # (a 384-channel map, 2x2 here, 5x5 at 224) and costs 4x less than 224; every epoch is
+    # evaluated on all 10,000 test images; three training seeds per structural arm.
     "cpu": Budget("cpu", image_size=112, train_images=8_000, test_images=None, epochs=3, sweep_epochs=2,
                   batch_size=128, range_steps=100, ort_runs=200, hardware_hint="2-core CPU", seeds=(0, 1, 2)),
     # The textbook's protocol: 224x224, all the data, 10 epochs per arm; one seed, to fit the GPU
