@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -268,7 +269,10 @@ def test_lr_find_writes_curve_and_suggestion(tiny_data, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "suggested lr" in r.stdout
     data = json.loads((out / "lr_find.json").read_text())
-    assert data["suggested_lr"] > 0 and (out / "lr_find.png").stat().st_size > 1000
+    assert 0 < data["suggested_lr"] <= max(data["lrs"]) and (out / "lr_find.png").stat().st_size > 1000
+    lrs = np.array(data["lrs"])  # the sweep: from 1e-5, one geometric step per batch (towards 2.0 at step 12)
+    assert len(lrs) >= 5 and lrs[0] == pytest.approx(1e-5)
+    np.testing.assert_allclose(lrs[1:] / lrs[:-1], (2.0 / 1e-5) ** (1 / 11), rtol=1e-6)
 
 
 @pytest.mark.integration

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from training.checkpoint import atomic_write
-from training.data import random_crop_flip, to_model_input
+from training.engine import train_step
 from training.plots import plot_lr_find
 
 log = logging.getLogger(__name__)
@@ -49,25 +48,21 @@ def suggest_lr(lrs: list[float], losses: list[float]) -> float:
 
 def run_lr_find(model, images, labels, config, rt, args, out: Path,
                 start_lr: float = 1e-5, end_lr: float = 2.0) -> int:
-    from training.train import build_optimizer  # the same optimizer the run would use
+    from training.train import build_optimizer  # the same optimizer and step the run would use
 
     steps = args.lr_find_steps
     optimizer = build_optimizer(model, args)
-    gamma = (end_lr / start_lr) ** (1 / max(steps - 1, 1))
+    for g in optimizer.param_groups:
+        g["lr"] = start_lr
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, (end_lr / start_lr) ** (1 / max(steps - 1, 1)))
     gen = torch.Generator().manual_seed(args.seed)
     lrs, losses, smoother = [], [], LossSmoother()
     model.train()
-    for step in range(steps):
-        lr = start_lr * gamma**step
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+    for _ in range(steps):
+        lr = scheduler.get_last_lr()[0]
         idx = torch.randint(0, len(images), (args.batch_size,), generator=gen).to(images.device)
-        x_u8 = random_crop_flip(images[idx]) if args.augment else images[idx]
-        with rt.autocast():
-            loss = F.cross_entropy(model(to_model_input(x_u8, config, rt.channels_last)).float(), labels[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, _ = train_step(model, optimizer, scheduler, images[idx], labels[idx], config, rt,
+                             augment=args.augment, label_smoothing=args.label_smoothing)
         value = loss.item()
         debiased = smoother.update(value)
         if not math.isfinite(value) or (losses and debiased > 4 * min(losses)):
