@@ -54,7 +54,7 @@ def run_profile(rt: Runtime, batch_size: int, steps: int, image_size: int = 224,
     config = NiNConfig(batch_norm=True, width=width)
     model = NiN(config)
     init_weights(model, preset.init)
-    model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
+    model = rt.place(model)
     optimizer = build_optimizer(model, preset)
     scheduler = build_scheduler(optimizer, preset, steps_per_epoch=warmup + steps)
     n = batch_size * (warmup + steps)

@@ -29,6 +29,10 @@ class Runtime:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` on this runtime's device, in its memory format."""
+        return model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+
 
 def cpu_info() -> tuple[str, set[str] | None]:
     """/proc/cpuinfo's first model name and flags: ('unknown CPU', None) where it cannot be read."""

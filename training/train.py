@@ -192,7 +192,7 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--init-from {args.init_from}: its model config differs from this run's")
         load_weights(model, source["model"], args.init_from)
         log.info("weights from %s", args.init_from)
-    model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
+    model = rt.place(model)
     if args.lr_find:
         from training.lr_find import run_lr_find
 

@@ -44,7 +44,7 @@ def build_model(config: NiNConfig, init: str, seed: int, rt: Runtime) -> torch.n
     torch.manual_seed(seed)
     model = NiN(config)
     init_weights(model, init)
-    return model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
+    return rt.place(model)
 
 
 def ort_session(model: torch.nn.Module, config: NiNConfig):
