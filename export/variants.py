@@ -57,7 +57,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> N
     """Static int8 (QDQ, per-channel 7-bit weights, uint8 activations, min/max calibration on
     `calibration`, preprocessed training images).
 
-    reduce_range=True keeps the weights in [-64, 63]: on x86 CPUs without VNNI (AVX2, plain
+    reduce_range=True keeps the weights in [-64, 64]: on x86 CPUs without VNNI (AVX2, plain
     AVX-512) onnxruntime's u8s8 kernels use VPMADDUBSW, whose 16-bit intermediate sums saturate
     with full-range weights and lose points of accuracy (docs/decisions.md). On VNNI CPUs and GPUs
     the 7th bit costs little.
