@@ -6,7 +6,6 @@ import sys
 
 from export.checks import CheckFailed
 from export.exporter import ExportOptions, export_checkpoint
-from export.onnx_io import InvalidModelError
 from training.data import DataNotFoundError
 
 
@@ -41,7 +40,7 @@ def main(argv=None) -> int:
     except CheckFailed as e:
         print(f"error: check failed, nothing written to {args.out}: {e}", file=sys.stderr)
         return 1
-    except (DataNotFoundError, FileNotFoundError, InvalidModelError, ValueError) as e:
+    except (DataNotFoundError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: test accuracy {card['test_accuracy']:.4f} on {card['test_images']:,} images")

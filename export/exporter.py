@@ -15,7 +15,7 @@ import torch
 
 from export.card import card_markdown, metadata_from_card, versions
 from export.checks import CheckFailed, accuracy, accuracy_gate, assert_parity, parity
-from export.onnx_io import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx, load_model, write_metadata
+from export.onnx_io import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx, write_metadata
 from export.variants import convert_fp16, cpu_session, cuda_session, ms_per_image, quantize_int8, run_batched
 from serving.imaging import as_uploads, normalize
 from serving.model_files import CARD, VARIANT_FILES, sha256 as sha256_file
@@ -204,7 +204,7 @@ def _export_into(tmp: Path, checkpoint: Path, ckpt: dict, model, config, opts: E
     for name, r in variant_reports.items():
         if r["passed"]:
             path = tmp / r["file"]
-            m = load_model(path)
+            m = onnx.load(str(path))
             write_metadata(m, {**meta, "provenance": {**meta["provenance"], "variant": name}})
             onnx.save(m, str(path))
             files[r["file"]] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "variant": name}

@@ -10,7 +10,6 @@ import export.exporter as exporter
 from export.__main__ import main as export_main
 from export.card import metadata_from_card
 from export.checks import CheckFailed, accuracy_gate, parity
-from export.onnx_io import InvalidModelError, load_model, read_metadata
 from serving.model_files import sha256 as sha256_file
 from export.variants import cpu_session
 from tests.conftest import export_random_model
@@ -55,8 +54,9 @@ def test_export_passes_every_check_and_writes_the_card(env):
 def test_metadata_round_trips(env):
     card = env["card"]
     for name in ("model.onnx", "model.int8.onnx", "model.fp16.onnx"):
-        meta = read_metadata(load_model(env["out"] / name))
+        meta = {p.key: json.loads(p.value) for p in onnx.load(str(env["out"] / name)).metadata_props}
         expected = metadata_from_card(card)
+        assert set(meta) == set(expected)
         assert meta["class_names"] == expected["class_names"] == list(NiNConfig().class_names)
         assert meta["input_contract"] == expected["input_contract"]
         assert meta["model_config"] == expected["model_config"]
@@ -64,7 +64,7 @@ def test_metadata_round_trips(env):
         assert meta["provenance"]["checkpoint_sha256"] == card["checkpoint_sha256"]
     # onnxruntime sees the same metadata the server will read
     session = cpu_session(env["out"] / "model.onnx")
-    assert read_metadata(session.get_modelmeta().custom_metadata_map)["class_names"] == card["class_names"]
+    assert json.loads(session.get_modelmeta().custom_metadata_map["class_names"]) == card["class_names"]
 
 
 def test_every_batch_size_from_1_to_64_runs(env):
@@ -82,13 +82,13 @@ def test_int8_model_loads_and_agrees_mostly(env):
     x = np.random.default_rng(1).standard_normal((4, 1, 224, 224), dtype=np.float32)
     a, b = s32.run(None, {"image": x})[0], s8.run(None, {"image": x})[0]
     assert a.shape == b.shape and np.isfinite(b).all()
-    assert any(n.op_type == "QuantizeLinear" for n in load_model(env["out"] / "model.int8.onnx").graph.node)
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(env["out"] / "model.int8.onnx")).graph.node)
 
 
 def test_int8_weights_use_7_bits_against_avx2_saturation(env):
     """Full-range int8 weights saturate VPMADDUBSW on CPUs without VNNI (a 7-point accuracy
     loss on the shipped model); the recipe keeps every conv weight in [-64, 64]."""
-    model = load_model(env["out"] / "model.int8.onnx")
+    model = onnx.load(str(env["out"] / "model.int8.onnx"))
     int8 = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     weights = [w for w in int8 if w.ndim == 4]  # conv weights (the rest are zero points)
     assert len(weights) == 12  # 4 blocks x (k x k conv + two 1x1 convs)
@@ -166,18 +166,6 @@ def test_parity_tolerates_near_ties_only():
     assert parity(ref, tie_flip, labels)["disagreements_outside_near_ties"] == 0
     real_flip = np.array([[1.0, 1.0000001], [5.0, 0.0]], np.float32)
     assert parity(ref, real_flip, labels)["disagreements_outside_near_ties"] == 1
-
-
-@pytest.mark.parametrize("content", [b"", b"not onnx at all", None])
-def test_truncated_or_foreign_files_get_a_clear_error(env, tmp_path, content):
-    path = tmp_path / "m.onnx"
-    if content is None:  # a real model, cut in half
-        data = (env["out"] / "model.onnx").read_bytes()
-        content = data[: len(data) // 2]
-    path.write_bytes(content)
-    with pytest.raises(InvalidModelError):
-        meta = read_metadata(load_model(path))  # empty bytes parse as an empty model: no metadata
-        assert meta
 
 
 def test_missing_checkpoint_is_one_line(tmp_path, capsys):
