@@ -12,9 +12,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 from training.checkpoint import atomic_write  # noqa: E402
 
 
-def _save(fig, path: str | os.PathLike) -> None:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+def save(fig, path: str | os.PathLike, dpi: int = 110) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
     plt.close(fig)
+
+
+def annotate(ax, matrix, fontsize: int) -> None:
+    """Each cell's count on a heatmap, white on its darker half."""
+    high = max(max(row) for row in matrix) / 2
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            ax.text(j, i, int(v), ha="center", va="center", fontsize=fontsize, color="white" if v > high else "black")
 
 
 def plot_curves(metrics: list[dict], path: str | os.PathLike) -> None:
@@ -29,7 +37,7 @@ def plot_curves(metrics: list[dict], path: str | os.PathLike) -> None:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
-    _save(fig, path)
+    save(fig, path)
 
 
 def plot_confusion(confusion, class_names, path: str | os.PathLike, title: str = "") -> None:
@@ -39,13 +47,9 @@ def plot_confusion(confusion, class_names, path: str | os.PathLike, title: str =
     ax.set_xticks(range(k), class_names, rotation=45, ha="right")
     ax.set_yticks(range(k), class_names)
     ax.set(xlabel="predicted", ylabel="true", title=title)
-    high = confusion.max() / 2
-    for i in range(k):
-        for j in range(k):
-            v = int(confusion[i][j])
-            ax.text(j, i, v, ha="center", va="center", fontsize=7, color="white" if v > high else "black")
+    annotate(ax, confusion, fontsize=7)
     fig.colorbar(im, ax=ax)
-    _save(fig, path)
+    save(fig, path)
 
 
 def plot_lr_find(lrs, losses, suggestion: float, path: str | os.PathLike) -> None:
@@ -55,4 +59,4 @@ def plot_lr_find(lrs, losses, suggestion: float, path: str | os.PathLike) -> Non
     ax.set(xscale="log", xlabel="learning rate", ylabel="smoothed loss", title="learning-rate range test")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, path)
+    save(fig, path)

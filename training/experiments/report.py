@@ -9,14 +9,13 @@ import json
 from statistics import mean, median
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from training.checkpoint import atomic_write  # noqa: E402
-from training.config import FASHION_MNIST_CLASSES  # noqa: E402
-from training.experiments.grid import BUDGETS, LN10, RECIPES  # noqa: E402
+from training.checkpoint import atomic_write
+from training.config import FASHION_MNIST_CLASSES
+from training.experiments.grid import BUDGETS, LN10, RECIPES
+from training.plots import annotate, plt, save
 
 # Columns that hold wall times or memory: they vary between runs; every other column of
 # runs.csv is reproduced exactly by the same command (seeded).
@@ -25,6 +24,8 @@ CSV_COLUMNS = ("budget", "arm", "question", "preset", "lr", "num_1x1", "head_wid
                "train_images", "test_images", "batch_size", "seed", "params", "macs", "epochs", "epoch",
                "train_loss", "train_acc", "test_loss", "test_acc", "stalled", "diverged", "hardware",
                *WALL_COLUMNS)
+ARM_KEYS = ("question", "preset", "lr", "num_1x1", "head_width")  # the rest of a row: the record's, the epoch's
+RUN_KEYS = ("image_size", "train_images", "test_images", "batch_size", "seed", "params", "macs")
 
 
 def load_records(out: Path) -> dict[str, dict]:
@@ -44,17 +45,10 @@ def csv_rows(records: dict) -> list[dict]:
     rows = []
     for budget, rec in records.items():
         for name, r in sorted(rec["arms"].items()):
-            a = r["arm"]
-            for e in r["epochs"]:
-                rows.append({
-                    "budget": budget, "arm": name, "question": a["question"], "preset": a["preset"], "lr": a["lr"],
-                    "num_1x1": a["num_1x1"], "head_width": a["head_width"], "image_size": r["image_size"],
-                    "train_images": r["train_images"], "test_images": r["test_images"], "batch_size": r["batch_size"],
-                    "seed": r["seed"], "params": r["params"], "macs": r["macs"], "epochs": a["epochs"], **e,
-                    "stalled": r["stalled"], "diverged": bool(r["diverged"]), "hardware": r["hardware"],
-                    "img_per_s": r["img_per_s"], "peak_mem_mb": r["peak_mem_mb"],
-                    "ort_cpu_ms_b1": "" if r["ort_cpu_ms_b1"] is None else r["ort_cpu_ms_b1"],
-                })
+            for e in r["epochs"]:  # csv writes None as an empty cell
+                rows.append({"budget": budget, "arm": name, **{k: r["arm"][k] for k in ARM_KEYS},
+                             **{k: r[k] for k in RUN_KEYS}, "epochs": r["arm"]["epochs"], **e,
+                             **{k: r[k] for k in ("stalled", "hardware", *WALL_COLUMNS)}, "diverged": bool(r["diverged"])})
     return rows
 
 
@@ -67,8 +61,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def _save(fig, path: Path) -> str:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
-    plt.close(fig)
+    save(fig, path, dpi=100)
     return path.name
 
 
@@ -81,7 +74,7 @@ def best(r: dict) -> float | None:
 
 
 def fmt(v, spec: str = ".4f") -> str:
-    return "–" if v is None or v == "" else format(v, spec)
+    return "–" if v is None else format(v, spec)
 
 
 def with_range(values: list[float], spec: str = ".4f") -> str:
@@ -110,7 +103,7 @@ def separated(a: list[float], b: list[float]) -> bool:
 
 
 def summed(matrices: list[list[list[int]]]) -> list[list[int]]:
-    return [[sum(m[i][j] for m in matrices) for j in range(len(matrices[0]))] for i in range(len(matrices[0]))]
+    return np.sum(matrices, axis=0).tolist()
 
 
 # -- the plots ---------------------------------------------------------------------------------
@@ -132,7 +125,7 @@ def plot_one_by_one(groups: dict[int, list[dict]], path: Path) -> str:
     ax1.set(xlabel="epoch", ylabel="test accuracy", title="1x1 convolutions per block: test accuracy")
     ax2.set(xlabel="epoch", ylabel="train loss", title="train loss (thin: each seed; bold: their mean)")
     for ax in (ax1, ax2):
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     return _save(fig, path)
@@ -146,11 +139,7 @@ def plot_confusions(pairs: list[tuple[str, list]], path: Path) -> str:
         ax.set_xticks(range(10), short, rotation=60, ha="right", fontsize=8)
         ax.set_yticks(range(10), short, fontsize=8)
         ax.set(xlabel="predicted", ylabel="true", title=title)
-        high = max(max(row) for row in m) / 2
-        for i in range(10):
-            for j in range(10):
-                ax.text(j, i, m[i][j], ha="center", va="center", fontsize=6,
-                        color="white" if m[i][j] > high else "black")
+        annotate(ax, m, fontsize=6)
     return _save(fig, path)
 
 
@@ -283,7 +272,7 @@ def section_head(rec: dict, folder: Path, rel: str) -> list[str]:
     delta = (mean(finals(two)) - mean(finals(one))) * 100
 
     def errors(m: list[list[int]], n: int) -> float:
-        return (sum(sum(row) for row in m) - sum(m[i][i] for i in range(10))) / n
+        return (np.sum(m) - np.trace(m)) / n
 
     pairs_one = {(a, b) for a, b, _ in top_confusions(sums["one"])}
     pairs_two = {(a, b) for a, b, _ in top_confusions(sums["two"])}
