@@ -11,8 +11,8 @@ PORT ?= 3000
 
 # The virtual environment with everything (serving, training, tests); reinstalled when
 # pyproject.toml changes. torch 2.14.1 / torchvision 0.29.1 come from this machine's disk.
-# Byte-compiled at install (45 s): with PYTHONDONTWRITEBYTECODE set, as on this machine, nothing
-# would write a .pyc later and every process would compile torch again (CI 16.5 -> 21.8 min).
+# Byte-compiled at install: with PYTHONDONTWRITEBYTECODE set, as on this machine, nothing would
+# write a .pyc later and every process would compile torch again.
 $(STAMP): pyproject.toml serving/requirements.txt training/requirements.txt tests/requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

@@ -45,10 +45,7 @@ def cache_dir() -> Path:
 
 
 def _idx_source(folder: Path, name: str) -> Path | None:
-    for candidate in (folder / name, folder / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    return None
+    return next((c for c in (folder / name, folder / f"{name}.gz") if c.is_file()), None)
 
 
 def _as_torchvision_root(folder: Path) -> Path | None:

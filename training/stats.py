@@ -32,9 +32,7 @@ def measured_macs(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, dict[st
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(x)
-    per_module = {}
-    for name, counts in counter.get_flop_counts().items():
-        per_module[name] = sum(counts.values()) // 2
+    per_module = {name: sum(counts.values()) // 2 for name, counts in counter.get_flop_counts().items()}
     return counter.get_total_flops() // 2, per_module
 
 

@@ -32,7 +32,7 @@ RUNTIME_ARGS = {
     "eval_limit", "checkpoint_every", "lr_find", "lr_find_steps", "target_acc",
 }
 # Of those, the ones that change the arithmetic default to None, "not named": a resume keeps the
-# run's value unless the command names one (an `--amp off` run once went on in bf16). Their defaults:
+# run's value unless the command names one (so a resume cannot silently change the number format). Their defaults:
 KEPT_ON_RESUME = {"amp": "auto", "channels_last": "auto", "compile": False}
 
 
@@ -78,7 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--low-res-epochs", type=int, default=0,
                    help="progressive resizing: train the first K epochs at --low-res-size (default: 0)")
     g.add_argument("--low-res-size", type=int, default=112,
-                   help="input size of the low-resolution epochs (default: 112; 8x cheaper than 224 on a CPU)")
+                   help="input size of the low-resolution epochs (default: 112; a quarter of 224's pixels)")
     g.add_argument("--num-1x1", type=int, default=2, help="1x1 convs per block, 0-3 (default: 2)")
     g.add_argument("--width", type=float, default=1.0, help="width multiplier (default: 1.0)")
     return p

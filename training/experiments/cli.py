@@ -22,7 +22,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.experiments",
                                 description="Answer d2l's NiN exercises (8.3) with a declared grid of runs.")
     p.add_argument("--budget", choices=sorted(BUDGETS), required=True,
-                   help="cpu: about an hour on 2 cores at 112 px; gpu: the textbook's protocol; smoke: plumbing only")
+                   help="cpu: a few hours on 2 cores at 112 px; gpu: the textbook's protocol; smoke: plumbing only")
     p.add_argument("--out", default="reports/nin-exercises", help="report folder (default: reports/nin-exercises)")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files (default: search)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: auto")
