@@ -24,9 +24,9 @@ import torch
 from bench.baselines import ort_baseline
 from bench.images import real_test_pngs
 from bench.load import CpuMeter, have_wrk, wrk_level
-from bench.servers import ROOT, _spawn, free_port, stop_server, wait_ready, write_results
+from bench.servers import _spawn, free_port, stop_server, wait_ready, write_results
 from serving import imaging
-from serving.model_files import CARD, VARIANT_FILES
+from serving.model_files import CARD, DEFAULT_MODEL, VARIANT_FILES
 from training.runtime import hardware_name
 
 PY = sys.executable
@@ -63,7 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", default="service,fastapi-def,fastapi-async,litserve,litserve-batch",
                    help=f"comma-separated, from {', '.join(ARMS)} (default: the service and its peers)")
     p.add_argument("--variant", choices=["int8", "fp32"], default="int8", help="model variant every arm serves (default: int8)")
-    p.add_argument("--model", default=str(ROOT / "models" / "nin-fashion-mnist"), help="exported model folder")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="exported model folder")
     p.add_argument("--null-model", action="store_true",
                    help="serve a near-free model of the same contract instead (bench/null_model.py): the serving cost alone")
     p.add_argument("--levels", default="1,16", help="concurrency levels (default: 1,16)")

@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 
 from bench.images import real_test_pngs
-from bench.servers import ROOT, free_port, start_server, stop_server, wait_ready
-from serving.model_files import CARD
+from bench.servers import free_port, start_server, stop_server, wait_ready
+from serving.model_files import CARD, DEFAULT_MODEL
 
 
 def large_png(width: int, height: int) -> bytes:
@@ -72,7 +72,7 @@ async def measure(url: str, smalls: list[bytes], big: bytes, clients: int, durat
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Small requests' latency while large uploads arrive.")
     p.add_argument("--url", default=None, help="a running service (default: start `bentoml serve` on --model)")
-    p.add_argument("--model", default=str(ROOT / "models" / "nin-fashion-mnist"), help="model folder (default: the shipped one)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder (default: the shipped one)")
     p.add_argument("--size", default="4000x3000", help="the large upload's WxH (default: 4000x3000)")
     p.add_argument("--clients", type=int, default=2, help="closed-loop clients sending 224x224 PNGs (default: 2)")
     p.add_argument("--duration", type=float, default=6.0, help="seconds (default: 6)")

@@ -2,7 +2,7 @@
 hand-written reference server, side by side.
 
 Both servers up at once, one keep-alive client (httpx) sending real 224x224 test PNGs one at a
-time, alternating between the servers in rounds (ABBA...: this VM drifts more in a minute than
+time, alternating between the servers in rounds (ABBA...: a VM's drift over a minute can exceed
 the differences measured). Per request, each server's own clocks split its time into
   before     from the request entering the app to the model's run (the service: reading and
              parsing the body, decoding, normalizing, the queue; the reference: FastAPI's routing
@@ -31,15 +31,15 @@ from pathlib import Path
 import httpx
 
 from bench.images import real_test_pngs
-from bench.servers import ROOT, free_port, start_reference, start_server, stop_server, wait_ready
-from serving.model_files import CARD
+from bench.servers import free_port, start_reference, start_server, stop_server, wait_ready
+from serving.model_files import CARD, DEFAULT_MODEL
 
 PHASES = ("client", "in_app", "before", "inference", "after", "outside")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(ROOT / "models" / "nin-fashion-mnist"), help="exported model folder")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="exported model folder")
     p.add_argument("--variants", default="int8,fp32", help="comma-separated: int8, fp32")
     p.add_argument("--rounds", type=int, default=8, help="rounds per server, alternating (default 8)")
     p.add_argument("--requests", type=int, default=200, help="requests per round (default 200)")

@@ -15,15 +15,15 @@ from bench.baselines import ort_baseline, torch_baseline
 from bench.images import real_test_pngs
 from bench.load import CpuMeter, combine_rounds, have_wrk, load_level, soak, wrk_level
 from bench.report import markdown, plot, targets
-from bench.servers import ROOT, Server, write_results
+from bench.servers import Server, write_results
 from serving import imaging
-from serving.model_files import CARD, VARIANT_FILES, available_variants
+from serving.model_files import CARD, DEFAULT_MODEL, VARIANT_FILES, available_variants
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Benchmark the service beside a hand-written FastAPI server and in-process onnxruntime.")
     p.add_argument("--url", default=None, help="measure this running service only (default: start the servers)")
-    p.add_argument("--model", default=str(ROOT / "models" / "nin-fashion-mnist"), help="exported model folder (default: the shipped one)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="exported model folder (default: the shipped one)")
     p.add_argument("--variants", default="int8,fp32", help="variants to serve (default: int8,fp32)")
     p.add_argument("--servers", default="service,reference", help="service, reference or both (default: both)")
     p.add_argument("--python-concurrency", default="1,16,64,256",
@@ -63,14 +63,14 @@ def settle(server_url: str, timeout: float = 15.0) -> None:
 
 
 def warm(server_url: str, pngs: list[bytes]) -> None:
-    asyncio.run(load_level(server_url, pngs, 1, 2.0, None))  # connections, first requests
+    asyncio.run(load_level(server_url, pngs, 1, 2.0))  # connections, first requests
 
 
 def run_level(client: str, server_url: str, pngs: list[bytes], c: int, duration: float, pid: int | None = None) -> dict:
     """One level; with the server's root process, also its CPU per answer and the idle share."""
     meter = CpuMeter(pid)
     if client == "python":
-        level = asyncio.run(load_level(server_url, pngs, c, duration, None))
+        level = asyncio.run(load_level(server_url, pngs, c, duration))
     else:
         level = wrk_level(server_url, pngs[0], c, duration)
     return meter.add_to(level)
@@ -184,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
             done = (interleaved_c1(urls, pngs, c1_clients, args.duration, pids) if len(urls) > 1 and c1_clients
                     else {kind: None for kind in urls})
             for kind, url in urls.items():
-                server = servers[kind]
                 print(f"{kind} {v}:", flush=True)
                 run = {"kind": kind, "variant": v, "provider": "CPUExecutionProvider"}
                 if kind == "service":

@@ -18,7 +18,8 @@ from collections import Counter
 
 import aiohttp
 
-from bench.servers import ROOT, _spawn, free_port, stop_server, wait_ready, write_results
+from bench.servers import _spawn, free_port, stop_server, wait_ready, write_results
+from serving.model_files import DEFAULT_MODEL
 from serving.page import SAMPLES
 
 PNG = (SAMPLES / "test0000-ankle-boot.png").read_bytes()
@@ -87,7 +88,7 @@ def one_round(arm: str, model: str, n: int, span_s: float, signal_at_s: float, d
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="SIGTERM mid-ramp: the service's drain beside uvicorn's graceful shutdown.")
-    p.add_argument("--model", default=str(ROOT / "models" / "nin-fashion-mnist"), help="exported model folder")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="exported model folder")
     p.add_argument("--rounds", type=int, default=3, help="rounds, arms alternating (default: 3)")
     p.add_argument("--requests", type=int, default=128, help="requests per ramp (default: 128)")
     p.add_argument("--span", type=float, default=3.0, help="seconds the ramp lasts (default: 3)")

@@ -20,7 +20,7 @@ import tempfile
 import time
 
 from bench.images import multipart_body, real_test_pngs
-from bench.servers import ROOT
+from serving.model_files import DEFAULT_MODEL
 
 
 def bentoml_layers() -> dict[str, type]:
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from bench.null_model import make_null_model
 
-    os.environ["NIN_MODEL"] = str(make_null_model(tempfile.mkdtemp(prefix="nin-null-"), ROOT / "models" / "nin-fashion-mnist"))
+    os.environ["NIN_MODEL"] = str(make_null_model(tempfile.mkdtemp(prefix="nin-null-"), DEFAULT_MODEL))
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="nin-prom-"))
     import uvloop  # uvicorn's loop in a BentoML worker
 

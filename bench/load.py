@@ -22,6 +22,7 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+import psutil
 
 from bench.images import multipart_body
 from serving.procfs import read_status_kb
@@ -105,23 +106,21 @@ def combine_rounds(rounds: list[dict]) -> dict:
     return out
 
 
-async def load_level(url: str, pngs: list[bytes], concurrency: int, duration: float | None, count: int | None) -> dict:
+async def load_level(url: str, pngs: list[bytes], concurrency: int, duration: float) -> dict:
     """`concurrency` clients, each sending the next image as soon as the last answer came, for
-    `duration` seconds or `count` requests in all. aiohttp with bodies built beforehand: a few
-    times less client CPU than httpx, so at c=256 the client measures the server, not itself."""
+    `duration` seconds. aiohttp with bodies built beforehand: a few times less client CPU than
+    httpx, so at c=256 the client measures the server, not itself."""
     bodies = [multipart_body(p) for p in pngs]
     latencies, server, errors = [], [], Counter()
     sent = 0
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
         start, cpu0 = time.perf_counter(), time.process_time()
-        stop_at = start + duration if duration else None
+        stop_at = start + duration
 
         async def worker() -> None:
             nonlocal sent
-            while True:
-                if (stop_at and time.perf_counter() >= stop_at) or (count is not None and sent >= count):
-                    return
+            while time.perf_counter() < stop_at:
                 body = bodies[sent % len(bodies)]
                 sent += 1
                 t = time.perf_counter()
@@ -157,25 +156,17 @@ class CpuMeter:
         try:
             with open("/proc/stat") as f:
                 ticks = [int(v) for v in f.readline().split()[1:9]]
-        except OSError:
+            root = psutil.Process(self.root_pid)
+            tree = [root, *root.children(recursive=True)]
+        except (OSError, psutil.Error):
             return None
-        procs = {}  # pid -> (ppid, utime + stime in ticks)
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
+        cpu = 0.0
+        for proc in tree:
             try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:  # gone meanwhile
-                continue
-            procs[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid; fields 14, 15 of the line
-        tree, grew = {self.root_pid}, True
-        while grew:
-            children = {pid for pid, (ppid, _) in procs.items() if ppid in tree} - tree
-            tree |= children
-            grew = bool(children)
-        cpu = sum(procs[pid][1] for pid in tree if pid in procs)
-        return cpu / os.sysconf("SC_CLK_TCK"), ticks[3] + ticks[4], sum(ticks)
+                cpu += sum(proc.cpu_times()[:2])  # user + system
+            except psutil.Error:  # gone meanwhile
+                pass
+        return cpu, ticks[3] + ticks[4], sum(ticks)
 
     def add_to(self, level: dict) -> dict:
         """`level` with server_cpu_s, cpu_idle_ticks / cpu_total_ticks (raw, for combine_rounds), and

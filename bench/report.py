@@ -1,4 +1,4 @@
-"""bench.md, the targets of issue 13 (met or missed, with the figures), and bench.png."""
+"""bench.md, the service's targets against the reference and the ceiling (met or missed, with the figures), and bench.png."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def _level(result: dict, kind: str, variant: str, client: str, c: int) -> dict |
 
 
 def targets(result: dict) -> list[dict]:
-    """Issue 13's goals, each met or missed with its figures."""
+    """The service's goals (c=1 latency and throughput beside the reference, near the ceiling), each met or missed with its figures."""
     out = []
     variants = sorted({run["variant"] for run in result["runs"].values()})
     for v in variants:

@@ -22,7 +22,9 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from bench.servers import ROOT, free_port, start_server, stop_server, wait_ready, write_results
+from bench.servers import free_port, start_server, stop_server, wait_ready, write_results
+from serving.model_files import DEFAULT_MODEL
+from serving.page import SAMPLES
 
 HAPROXY_CFG = """
 global
@@ -56,8 +58,9 @@ def percentiles(ms: list[float]) -> dict:
     if not ms:
         return {"n": 0}
     a = np.asarray(ms)
-    return {"n": len(ms), "p50": round(float(np.percentile(a, 50)), 2), "p90": round(float(np.percentile(a, 90)), 2),
-            "p99": round(float(np.percentile(a, 99)), 2), "max": round(float(a.max()), 2)}
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"n": len(ms), "p50": round(float(p50), 2), "p90": round(float(p90), 2), "p99": round(float(p99), 2),
+            "max": round(float(a.max()), 2)}
 
 
 def summarize(records: list[tuple[float, float, object]], during: tuple[float, float]) -> dict:
@@ -112,8 +115,8 @@ def run(model: Path, concurrency: int, duration: float, drain_s: float, log=prin
     haproxy = shutil.which("haproxy")
     if haproxy is None:
         raise RuntimeError("haproxy is not installed (apt-get install haproxy; make setup does it)")
-    png = (ROOT / "serving" / "static" / "samples" / "test0000-ankle-boot.png").read_bytes()
-    env = {"NIN_DRAIN_SECONDS": str(drain_s), "NIN_LANES": "0"}  # two replicas share 2 cores: one lane each
+    png = (SAMPLES / "test0000-ankle-boot.png").read_bytes()
+    env = {"NIN_DRAIN_SECONDS": str(drain_s), "NIN_LANES": "0"}  # replicas share the cores: no extra lanes each
     ports = [free_port(), free_port()]
     replicas = [(start_server(model, p, env), p) for p in ports]
     front = free_port()
@@ -172,7 +175,7 @@ def markdown(s: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.rollout", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(ROOT / "models" / "nin-fashion-mnist"))
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load before plus after the restarts")
     p.add_argument("--drain", type=float, default=5.0, help="NIN_DRAIN_SECONDS of the replicas (default 5)")

@@ -121,14 +121,13 @@ def running_server(model: str | Path, env: dict | None = None):
 class Server:
     """A server for one model variant, ready on return: kind `service` or `reference`."""
 
-    def __init__(self, kind: str, model: str, variant: str, env: dict | None = None) -> None:
-        self.kind, self.variant = kind, variant
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+    def __init__(self, kind: str, model: str, variant: str) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
         if kind == "service":
-            self.proc = start_server(model, self.port, {"NIN_VARIANT": variant, **(env or {})}, quiet=True)
+            self.proc = start_server(model, port, {"NIN_VARIANT": variant}, quiet=True)
         else:
-            self.proc = start_reference(model, variant, self.port, quiet=True)
+            self.proc = start_reference(model, variant, port, quiet=True)
         try:
             wait_ready(self.url, self.proc)
         except Exception:

@@ -1,5 +1,5 @@
 """`python -m bench.typed_ab`: the typed endpoints' guard (http.Edge's checks and serving/forms.py)
-beside BentoML's own parsing, on the requests that broke BentoML (found by fuzzing a real server):
+beside BentoML's own parsing, on the requests that broke BentoML:
 each request sent to both arms, status and body shape recorded.
 
     .venv/bin/python -m bench.typed_ab --out bench/cpu-2core-amx/typed-ab
@@ -12,7 +12,8 @@ import sys
 
 import httpx
 
-from bench.servers import ROOT, _spawn, free_port, stop_server, wait_ready, write_results
+from bench.servers import _spawn, free_port, stop_server, wait_ready, write_results
+from serving.model_files import DEFAULT_MODEL
 from serving.page import SAMPLES
 
 PNG = (SAMPLES / "test0000-ankle-boot.png").read_bytes()
@@ -57,7 +58,7 @@ def ask(url: str, ctype: str, body: bytes) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="The typed endpoints' guard beside BentoML's own parsing.")
-    p.add_argument("--model", default=str(ROOT / "models" / "nin-fashion-mnist"), help="exported model folder")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="exported model folder")
     p.add_argument("--out", default=None, help="folder for typed_ab.json and typed_ab.md (default: print only)")
     args = p.parse_args(argv)
     results: dict[str, dict] = {}

@@ -37,7 +37,7 @@ from gpu_proof import Proof, check_returned  # noqa: E402
 
 TRANSFER_LIMIT = 64 * 2**20
 STARTUP_S = 120  # the device README: "a minute or more" to start; counted at two
-TRANSFER_S = 15  # per call, tree and carries both ways: an estimate until a lease measures it
+TRANSFER_S = 15  # per call, tree and carries both ways (estimated)
 PLAN_LIMIT_S = 13 * 60
 
 

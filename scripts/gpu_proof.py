@@ -15,7 +15,7 @@ On the GPU machine (Python 3.12, torch 2.11, no network), with Fashion-MNIST sen
 `--stage strong` runs 1-5, `--stage d2l` 6, `--stage train` both (6 if it fits), `--stage grid`
 the textbook-exercise grid's GPU budget (`training.experiments`). Into OUT, at most 8 files:
 summary.json and proof.log after every step, each run's metrics.csv every 5 s while it trains,
-profile.txt, the strong run's best checkpoint (no optimizer state: 8 MB) and the curves.
+profile.txt, the strong run's best checkpoint (no optimizer state) and the curves.
 `--dry-run` (`make gpu-proof DRY=1`) runs every stage that can run without CUDA on the CPU with a
 tiny step budget; the test suite runs it so it cannot rot.
 """
