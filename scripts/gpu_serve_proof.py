@@ -112,6 +112,8 @@ def in_process(path: Path, provider: str, x_u8: np.ndarray, contract: dict, batc
     """ms per batch and img/s for plain run, IO binding on the device, and uint8 input."""
     import onnxruntime as ort
 
+    from serving.imaging import normalize
+
     s = session(path, provider)
     name = s.get_inputs()[0].name
     device = "cuda" if provider == CUDA else "cpu"
@@ -120,7 +122,7 @@ def in_process(path: Path, provider: str, x_u8: np.ndarray, contract: dict, batc
     out = {}
     for b in batches:
         xb_u8 = np.ascontiguousarray(np.resize(x_u8, (b, *x_u8.shape[1:])))
-        xb = ((xb_u8.astype(np.float32) * contract["scale"] - contract["mean"]) / contract["std"]).astype(np.float32)
+        xb = normalize(list(xb_u8[:, 0]), contract)
         plain = timed(lambda: s.run(None, {name: xb}), repeats)
         binding = s.io_binding()
         binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(xb, device, 0))
@@ -334,12 +336,12 @@ def main(argv: list[str] | None = None) -> int:
                 save()
 
             from bench.images import real_test_pngs
-            from serving.imaging import to_contract
+            from serving.imaging import normalize, to_contract
 
             pngs, _ = real_test_pngs(64, args.data_dir)
-            x_u8 = np.stack([np.asarray(to_contract(p, card["input_contract"], 10**8).image) for p in pngs])[:, None]
             contract = card["input_contract"]
-            x = ((x_u8.astype(np.float32) * contract["scale"] - contract["mean"]) / contract["std"]).astype(np.float32)
+            images = [to_contract(p, contract, 10**8).image for p in pngs]
+            x_u8, x = np.stack([np.asarray(i) for i in images])[:, None], normalize(images, contract)
             batches, repeats = ([1, 2], 2) if args.dry_run else ([1, 2, 4, 8, 16, 32, 64, 128, 256], 20)
             summary["in_process"] = {}
             for v in ("fp32", "fp16"):
