@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -28,6 +29,10 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, data, indent: int = 1) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=indent)))
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:

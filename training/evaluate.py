@@ -7,12 +7,11 @@ confusion.png next to the checkpoint unless --out says otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
-from training.checkpoint import atomic_write, load_checkpoint, model_from_checkpoint
+from training.checkpoint import load_checkpoint, model_from_checkpoint, write_json
 from training.data import DataNotFoundError, find_data_root, load_split
 from training.engine import evaluate, per_class_accuracy
 from training.plots import plot_confusion
@@ -50,7 +49,7 @@ def run(args: argparse.Namespace) -> dict:
         "amp": str(rt.amp_dtype),
     }
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
-    atomic_write(out / "eval.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+    write_json(out / "eval.json", result)
     plot_confusion(ev["confusion"].numpy(), config.class_names, out / "confusion.png",
                    title=f"test accuracy {ev['acc']:.4f} on {ev['n']:,} images")
     return result

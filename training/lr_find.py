@@ -4,7 +4,6 @@ that lands a little below the lr at which training blows up."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.checkpoint import atomic_write
+from training.checkpoint import write_json
 from training.engine import train_step
 from training.plots import plot_lr_find
 
@@ -74,7 +73,6 @@ def run_lr_find(model, images, labels, config, rt, args, out: Path,
     suggestion = suggest_lr(lrs, losses)
     out.mkdir(parents=True, exist_ok=True)
     plot_lr_find(lrs, losses, suggestion, out / "lr_find.png")
-    atomic_write(out / "lr_find.json", lambda tmp: tmp.write_text(json.dumps(
-        {"lrs": lrs, "losses": losses, "suggested_lr": suggestion}, indent=1)))
+    write_json(out / "lr_find.json", {"lrs": lrs, "losses": losses, "suggested_lr": suggestion})
     print(f"suggested lr: {suggestion:.3g} (curve: {out / 'lr_find.png'})")
     return 0

@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(json.dumps(summary, indent=1))
     if args.json:
-        from training.checkpoint import atomic_write
+        from training.checkpoint import write_json
 
-        atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
+        write_json(args.json, summary)
     return 0
 
 

@@ -15,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from training.checkpoint import atomic_write, load_checkpoint, load_weights, parent_record, save_checkpoint
+from training.checkpoint import atomic_write, load_checkpoint, load_weights, parent_record, save_checkpoint, write_json
 from training.config import MIN_IMAGE_SIZE, NiNConfig
 from training.data import DataNotFoundError, find_data_root, load_split
 from training.engine import NonFiniteLossError, evaluate, per_class_accuracy, train_one_epoch
@@ -218,9 +218,9 @@ def main(args: argparse.Namespace) -> int:
 
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "args.json", lambda tmp: tmp.write_text(json.dumps(
-            {"args": vars(args), "model_config": config.to_dict(), "device": str(rt.device),
-             "amp": str(rt.amp_dtype), "channels_last": rt.channels_last, "world_size": rt.world_size}, indent=2)))
+        write_json(out / "args.json", {"args": vars(args), "model_config": config.to_dict(), "device": str(rt.device),
+                                       "amp": str(rt.amp_dtype), "channels_last": rt.channels_last,
+                                       "world_size": rt.world_size}, indent=2)
         log.info("device %s, autocast %s, channels_last %s, %d process(es), %d steps/epoch",
                  rt.device, rt.amp_dtype, rt.channels_last, rt.world_size, steps_per_epoch)
 

@@ -60,7 +60,8 @@ def known_arms(budget, folder: Path) -> list:
 def run_one(args, budget) -> int:
     """The child's work: one range test or one arm, its record written atomically."""
     from training.experiments.data import load
-    from training.experiments.runner import range_test, train_arm, write_json
+    from training.checkpoint import write_json
+    from training.experiments.runner import range_test, train_arm
     from training.runtime import make_runtime
 
     folder = arms_folder(Path(args.out), budget.name)

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from training.checkpoint import atomic_write
+from training.checkpoint import write_json
 from training.config import NiNConfig
 from training.engine import NonFiniteLossError, evaluate, train_one_epoch
 from training.experiments.grid import LN10, Arm, Budget
@@ -161,10 +161,6 @@ def range_test(recipe: str, budget: Budget, data: dict, rt: Runtime, out: Path) 
     found = json.loads((folder / "lr_find.json").read_text())
     return {"recipe": recipe, "budget": budget.name, "suggested_lr": found["suggested_lr"],
             "lrs": found["lrs"], "losses": found["losses"], "logits_init": logits, "hardware": hardware_name(rt.device)}
-
-
-def write_json(path: Path, record: dict) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
 
 
 def retime(folder: Path, budget: Budget, rounds: int = 10) -> int:
