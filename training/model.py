@@ -5,10 +5,15 @@ Shapes in the comments are for the default config and a (B, 1, 224, 224) input.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from training.config import NiNConfig
+
+if TYPE_CHECKING:
+    from training.runtime import Runtime
 
 
 def nin_block(
@@ -88,3 +93,11 @@ def init_weights(model: nn.Module, scheme: str) -> None:
                 raise ValueError(f"unknown init scheme {scheme!r}")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def build_model(config: NiNConfig, init: str, seed: int, rt: Runtime) -> nn.Module:
+    """A fresh NiN: seeded, initialised by `init`, on `rt`'s device in its memory format."""
+    torch.manual_seed(seed)
+    model = NiN(config)
+    init_weights(model, init)
+    return rt.place(model)

@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from training.config import MIN_IMAGE_SIZE, NiNConfig
 from training.engine import train_one_epoch
-from training.model import NiN, init_weights
+from training.model import build_model
 from training.runtime import Runtime, hardware_name, make_runtime, peak_memory_mb
 
 # CUDA runtime calls that block the host until the device catches up.
@@ -49,12 +49,9 @@ def run_profile(rt: Runtime, batch_size: int, steps: int, image_size: int = 224,
     from training.presets import PRESETS
     from training.train import build_optimizer, build_scheduler
 
-    torch.manual_seed(seed)
     preset = argparse.Namespace(**PRESETS["strong"])
     config = NiNConfig(batch_norm=True, width=width)
-    model = NiN(config)
-    init_weights(model, preset.init)
-    model = rt.place(model)
+    model = build_model(config, preset.init, seed, rt)
     optimizer = build_optimizer(model, preset)
     scheduler = build_scheduler(optimizer, preset, steps_per_epoch=warmup + steps)
     n = batch_size * (warmup + steps)

@@ -17,7 +17,7 @@ from training.checkpoint import write_json
 from training.config import NiNConfig
 from training.engine import NonFiniteLossError, evaluate, train_one_epoch
 from training.experiments.grid import LN10, Arm, Budget
-from training.model import NiN, init_weights
+from training.model import build_model
 from training.presets import PRESETS
 from training.resources import report as resource_report
 from training.runtime import Runtime, hardware_name, peak_memory_mb
@@ -38,13 +38,6 @@ def recipe_args(preset: str, lr: float, epochs: int, budget: Budget, seed: int |
 def model_config(arm: Arm, budget: Budget, args: SimpleNamespace) -> NiNConfig:
     return NiNConfig(num_1x1=arm.num_1x1, head_width=arm.head_width, batch_norm=args.batch_norm,
                      dropout=args.dropout, image_size=budget.image_size)
-
-
-def build_model(config: NiNConfig, init: str, seed: int, rt: Runtime) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = NiN(config)
-    init_weights(model, init)
-    return rt.place(model)
 
 
 def ort_session(model: torch.nn.Module, config: NiNConfig):
