@@ -57,7 +57,7 @@ test-fast: setup
 stats: $(STAMP)
 	$(BIN)/python -m training.stats
 
-# The service's container, built offline from a local debootstrap base image (scripts/container.sh).
+# The service's container, built offline from a local mmdebstrap base image (scripts/container.sh).
 container: $(STAMP)
 	BIN=$(BIN) bash scripts/container.sh build
 

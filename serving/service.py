@@ -47,10 +47,13 @@ def bentoml_config() -> dict:
 def image() -> bentoml.images.Image:
     """The bento's container image: Python 3.11 and serving/requirements.txt, every package locked
     to an exact version when `bentoml build` runs. NIN_BASE_IMAGE names the base image (default:
-    BentoML's python:3.11-slim; scripts/container.sh builds one with no registry);
+    python:3.11-slim, as BentoML's; scripts/container.sh builds one with no registry);
     NIN_CONTAINER_FLAVOR=cpu leaves out onnxruntime-gpu's CUDA 13 and cuDNN 9 wheels (~2 GB)."""
     lines = Path(__file__).with_name("requirements.txt").read_text().splitlines()
-    img = bentoml.images.Image(base_image=os.environ.get("NIN_BASE_IMAGE", ""), python_version="3.11")
+    # A distro BentoML does not list skips its default apt install (build-essential, git, gnupg2,
+    # twice over): every package here is a wheel, so the image carries no compiler (290 MB less).
+    img = bentoml.images.Image(base_image=os.environ.get("NIN_BASE_IMAGE", "python:3.11-slim"), distro="debian-wheels",
+                               python_version="3.11")
     img = img.python_packages(*(line for line in lines if line.strip() and not line.startswith("#")))
     if os.environ.get("NIN_CONTAINER_FLAVOR", "gpu") == "gpu":
         img = img.python_packages("onnxruntime-gpu[cuda,cudnn]==1.31.1")
