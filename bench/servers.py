@@ -55,8 +55,10 @@ def start_server(model: str | Path, port: int, env: dict | None = None, quiet: b
     """`bentoml serve` from the repository root (`python -m bentoml`: also where bentoml travels
     as wheels without its script). A model folder gets the server a BentoML home of its own:
     every `bentoml serve` start empties $BENTOML_HOME/prometheus_multiproc_dir, so servers
-    sharing a home would read each other's metrics files in /metrics and lose their own."""
-    env = {"NIN_MODEL": str(model), **(env or {})}
+    sharing a home would read each other's metrics files in /metrics and lose their own.
+    No load balancer watches these servers' readiness, so they stop at once (NIN_DRAIN_SECONDS 0,
+    not 5) unless `env` says otherwise: the drain tests and bench.rollout do."""
+    env = {"NIN_MODEL": str(model), "NIN_DRAIN_SECONDS": "0", **(env or {})}
     home = None
     if "BENTOML_HOME" not in env and Path(model).is_dir():
         home = env["BENTOML_HOME"] = tempfile.mkdtemp(prefix="nin-bentoml-home-")
