@@ -27,6 +27,15 @@ def test_tracked_tree_fits_the_gpu_transfer():
     assert total <= MAX_TRACKED_BYTES, f"tracked files are {total / 1e6:.1f} MB (limit 24 MB); biggest: {biggest}"
 
 
+def test_ruff_finds_nothing():
+    """No undefined or unused names, no syntax errors, in the product, its tests and its scripts."""
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "serving", "training", "export", "bench",
+                        "scripts", "tests"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-1000:]
+
+
 def test_no_training_checkpoint_is_tracked():
     """Checkpoints live in git history only (docs/training.md: `git show COMMIT:runs/NAME/last.pt`)."""
     pts = [str(p.relative_to(ROOT)) for p in tracked_files() if p.suffix == ".pt"]
