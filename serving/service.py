@@ -50,8 +50,8 @@ def image() -> bentoml.images.Image:
     python:3.11-slim, as BentoML's; scripts/container.sh builds one with no registry);
     NIN_CONTAINER_FLAVOR=cpu leaves out onnxruntime-gpu's CUDA 13 and cuDNN 9 wheels (~2 GB)."""
     lines = Path(__file__).with_name("requirements.txt").read_text().splitlines()
-    # A distro BentoML does not list skips its default apt install (build-essential, git, gnupg2,
-    # twice over): every package here is a wheel, so the image carries no compiler (290 MB less).
+    # A distro BentoML does not list skips its default apt install (build-essential, git, gnupg2):
+    # every package here is a wheel, so the image needs no compiler (docs/deploy.md: its size).
     img = bentoml.images.Image(base_image=os.environ.get("NIN_BASE_IMAGE", "python:3.11-slim"), distro="debian-wheels",
                                python_version="3.11")
     img = img.python_packages(*(line for line in lines if line.strip() and not line.startswith("#")))
