@@ -43,9 +43,12 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
 
 def _spawn(cmd: list[str], env: dict, quiet: bool) -> subprocess.Popen:
     """Output to an unnamed temporary file (`proc.log`), never to a pipe: a pipe nobody reads
-    fills up with access-log lines after a few hundred requests and then blocks the server."""
+    fills up with access-log lines after a few hundred requests and then blocks the server.
+    No load balancer watches these servers' readiness, so a service stops at once
+    (NIN_DRAIN_SECONDS 0, not 5) unless set: the drain tests, bench.drain_ab
+    and bench.rollout do."""
     log = None if quiet else tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log or subprocess.DEVNULL,  # nosec B603  # bentoml/uvicorn under this interpreter, argument lists built in this module
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={"NIN_DRAIN_SECONDS": "0", **os.environ, **env}, stdout=log or subprocess.DEVNULL,  # nosec B603  # bentoml/uvicorn under this interpreter, argument lists built in this module
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     proc.log = log
     return proc
@@ -55,10 +58,8 @@ def start_server(model: str | Path, port: int, env: dict | None = None, quiet: b
     """`bentoml serve` from the repository root (`python -m bentoml`: also where bentoml travels
     as wheels without its script). A model folder gets the server a BentoML home of its own:
     every `bentoml serve` start empties $BENTOML_HOME/prometheus_multiproc_dir, so servers
-    sharing a home would read each other's metrics files in /metrics and lose their own.
-    No load balancer watches these servers' readiness, so they stop at once (NIN_DRAIN_SECONDS 0,
-    not 5) unless `env` says otherwise: the drain tests and bench.rollout do."""
-    env = {"NIN_MODEL": str(model), "NIN_DRAIN_SECONDS": "0", **(env or {})}
+    sharing a home would read each other's metrics files in /metrics and lose their own."""
+    env = {"NIN_MODEL": str(model), **(env or {})}
     home = None
     if "BENTOML_HOME" not in env and Path(model).is_dir():
         home = env["BENTOML_HOME"] = tempfile.mkdtemp(prefix="nin-bentoml-home-")
