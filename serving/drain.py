@@ -3,8 +3,9 @@
 uvicorn alone stops accepting at once, and connections already completed into the arbiter's
 listening socket then wait in its backlog, never answered. Here the worker instead:
 1. fails readiness at once and keeps serving for `drain_s` (NIN_DRAIN_SECONDS);
-2. then shuts the shared listening socket down (a late connection is refused at connect) and
-   hands over to uvicorn's graceful shutdown, which answers what is in flight within `timeout_s`
+2. then, once the workers have accepted every connection the kernel completed (Linux resets
+   those still queued), shuts the shared listening socket down (a late connection is refused at
+   connect) and hands over to uvicorn's graceful shutdown, which answers what is in flight within `timeout_s`
    (NIN_SHUTDOWN_TIMEOUT);
 3. exits within drain_s + timeout_s + 5 s whatever happens.
 """
@@ -15,7 +16,9 @@ import logging
 import os
 import signal
 import socket
+import struct
 import threading
+import time
 
 log = logging.getLogger("serving")
 
@@ -69,16 +72,34 @@ class Drain:
             server.config.timeout_graceful_shutdown = self.timeout_s
         log.info("drain period over: closing the listener, answering what is in flight")
         # the shared socket first (the arbiter holds a copy): new connections are refused, not stranded
-        for sock in self._listeners:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+        close_listeners(self._listeners)
         if callable(self._next):
             self._next(signal.SIGTERM, None)  # uvicorn: stop accepting, finish in-flight requests, exit
         elif self._next in (signal.SIG_DFL, None):
             os._exit(0)
+
+
+def accept_queue(sock: socket.socket) -> int:
+    """Connections the kernel completed on a listening socket that nobody has accepted yet
+    (Linux: `tcpi_unacked` of TCP_INFO on a listener); 0 where the platform does not say."""
+    try:
+        return struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32), 24)[0]
+    except (OSError, AttributeError, struct.error):
+        return 0
+
+
+def close_listeners(socks: list[socket.socket], settle_s: float = 1.0) -> None:
+    """Shut the listening sockets down once their accept queues are empty (or after `settle_s`):
+    Linux resets a connection still queued at the shutdown, which its client sees as dropped."""
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline and any(accept_queue(s) for s in socks):
+        time.sleep(0.001)
+    for sock in socks:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
 
 
 def uvicorn_server(handler):

@@ -13,8 +13,7 @@ import pytest
 
 from bench.drain_ab import ramp_and_sigterm
 from bench.servers import free_port, server_output, start_server, stop_server, wait_ready
-from serving.drain import Drain
-
+from serving.drain import Drain, accept_queue, close_listeners
 
 
 class FakeUvicorn:
@@ -48,6 +47,43 @@ def test_drain_fails_readiness_at_once_then_closes_the_shared_listener():
     finally:
         drain.cancel()  # its hard stop would end this test process
         signal.signal(signal.SIGTERM, previous)
+        listener.close()
+
+
+def test_the_listener_closes_only_once_every_completed_connection_was_accepted():
+    """A connection the kernel completed just before the drain ends waits in the accept queue;
+    shutting the listener down then would reset it (a dropped request). close_listeners waits
+    until a worker took it (here: 0.2 s later), and only then refuses new connections."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port), timeout=2)
+    accepted = []
+    try:
+        assert accept_queue(listener) == 1
+        worker = threading.Timer(0.2, lambda: accepted.append(listener.accept()[0]))
+        worker.start()
+        t0 = time.monotonic()
+        close_listeners([socket.socket(fileno=os.dup(listener.fileno()))], settle_s=5)
+        assert 0.15 < time.monotonic() - t0 < 4
+        worker.join()
+        client.sendall(b"ping")  # the queued connection was served, not reset
+        assert accepted[0].recv(4) == b"ping"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2)
+    finally:
+        for s in (client, listener, *accepted):
+            s.close()
+
+
+def test_the_listener_closes_after_the_settle_bound_when_nobody_accepts():
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname(), timeout=2)
+    try:
+        t0 = time.monotonic()
+        close_listeners([socket.socket(fileno=os.dup(listener.fileno()))], settle_s=0.1)
+        assert time.monotonic() - t0 < 2 and accept_queue(listener) == 0
+    finally:
+        client.close()
         listener.close()
 
 
