@@ -1,7 +1,7 @@
-"""Mutation check: five deliberate one-line breakages of the product; the test suite must fail on
+"""Mutation check: six deliberate one-line breakages of the product; the test suite must fail on
 each. Not run by CI (it runs tests once per mutation); run it after changing tests:
 
-    .venv/bin/python tests/mutations/run.py            # all five, ~5 min on 2 cores
+    .venv/bin/python tests/mutations/run.py            # all six, ~1 min on 2 cores
     .venv/bin/python tests/mutations/run.py top_k      # one
 
 Each mutation is applied to a fresh worktree of HEAD (the working tree is never touched) and the
@@ -28,6 +28,8 @@ MUTATIONS = {
               ["tests/test_service.py", "tests/test_api.py"]),
     "drain-ignored": ("serving/drain.py", "threading.Timer(self.drain_s, self._close)", "threading.Timer(0, self._close)",
                       ["tests/test_drain.py"]),
+    "queued-connections-reset": ("serving/drain.py", "while time.monotonic() < deadline and any(accept_queue(s) for s in socks):",
+                                 "while False:", ["tests/test_drain.py"]),
     "4xx-as-500": ("serving/imaging.py", 'raise InputError(400, "not_an_image", f"{len(data)} bytes', 'raise InputError(500, "not_an_image", f"{len(data)} bytes',
                    ["tests/test_imaging.py", "tests/test_service.py"]),
 }
