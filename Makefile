@@ -49,11 +49,14 @@ serve: setup
 	$(BIN)/python -m serving.model_files models/nin-fashion-mnist
 	$(BIN)/bentoml serve --port $(PORT)
 
+# Two pytest-xdist workers, a test file each at a time (its fixtures built once): alone, the
+# suite kept 2 cores ~60 % busy, waiting on the servers and trainings it starts (docs/testing.md).
+XDIST := -n 2 --dist loadfile
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(XDIST)
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow and not integration"
+	$(BIN)/python -m pytest $(XDIST) -m "not slow and not integration"
 
 stats: $(STAMP)
 	$(BIN)/python -m training.stats
