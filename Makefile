@@ -50,13 +50,13 @@ serve: setup
 	$(BIN)/bentoml serve --port $(PORT)
 
 # Two pytest-xdist workers, a test file each at a time (its fixtures built once): alone, the
-# suite kept 2 cores ~60 % busy, waiting on the servers and trainings it starts (docs/testing.md).
-XDIST := -n 2 --dist loadfile
+# suite kept 2 cores ~60 % busy, waiting on the servers and trainings it starts. Not for
+# test-fast, which is CPU-bound and slower so (docs/testing.md).
 test: setup
-	$(BIN)/python -m pytest $(XDIST)
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 test-fast: setup
-	$(BIN)/python -m pytest $(XDIST) -m "not slow and not integration"
+	$(BIN)/python -m pytest -m "not slow and not integration"
 
 stats: $(STAMP)
 	$(BIN)/python -m training.stats
