@@ -49,7 +49,7 @@ serve: setup
 	$(BIN)/python -m serving.model_files models/nin-fashion-mnist
 	$(BIN)/bentoml serve --port $(PORT)
 
-# Two pytest-xdist workers, a test file each at a time (its fixtures built once): alone, the
+# Two pytest-xdist workers, a test file each at a time (its module fixtures built once): alone, the
 # suite kept 2 cores ~60 % busy, waiting on the servers and trainings it starts. Not for
 # test-fast, which is CPU-bound and slower so (docs/testing.md).
 test: setup

@@ -166,7 +166,8 @@ MAX_BYTES = 2 * 2**20  # the byte cap of the shared real server
 @pytest.fixture(scope="session")
 def server_proc(served_model):
     """One real `bentoml serve` (two workers) in a subprocess on a free port, shared by the
-    modules that need a server (tests/test_http_server.py, tests/test_browser.py)."""
+    modules that need a server (tests/test_http_server.py, tests/test_browser.py) on the same
+    pytest-xdist worker."""
     from bench.servers import running_server
 
     with running_server(served_model, {"NIN_MAX_BYTES": str(MAX_BYTES), "NIN_WORKERS": "2"}) as proc:
