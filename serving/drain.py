@@ -5,8 +5,8 @@ listening socket then wait in its backlog, never answered. Here the worker inste
 1. fails readiness at once and keeps serving for `drain_s` (NIN_DRAIN_SECONDS);
 2. then, once the workers have accepted every connection the kernel completed (Linux resets
    those still queued), shuts the shared listening socket down (a late connection is refused at
-   connect) and hands over to uvicorn's graceful shutdown, which answers what is in flight within `timeout_s`
-   (NIN_SHUTDOWN_TIMEOUT);
+   connect) and hands over to uvicorn's graceful shutdown, which answers what is in flight
+   within `timeout_s` (NIN_SHUTDOWN_TIMEOUT);
 3. exits within drain_s + timeout_s + 5 s whatever happens.
 """
 

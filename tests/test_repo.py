@@ -1,6 +1,7 @@
 """The repository itself: what travels to the GPU machine must fit its 64 MiB transfer."""
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,6 @@ def test_tracked_tree_fits_the_gpu_transfer():
 
 def test_ruff_finds_nothing():
     """No undefined or unused names, no syntax errors, in the product, its tests and its scripts."""
-    import sys
-
     r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "serving", "training", "export", "bench",
                         "scripts", "tests"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-1000:]
@@ -73,7 +72,6 @@ def test_under_ci_only_gpu_tests_may_skip_and_on_the_gpu_machine_none(tmp_path, 
     """tests/ci_skips.py: a skip under CI=true fails the run unless the test is a GPU test; under
     NIN_EXPECT_GPU=1 any skip fails it."""
     import os
-    import sys
 
     (tmp_path / "test_one.py").write_text(f"import pytest\n\n{marker}\ndef test_x():\n    pytest.skip('wrk is not installed')\n")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.ci_skips", "-p", "no:cacheprovider",
