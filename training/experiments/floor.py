@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from training.model import NiN
 from training.resources import window_rule
 
 
@@ -48,15 +49,20 @@ def conv_probe(k: int, s: int, p: int) -> nn.Conv2d:
 
 
 def nin_first_layers(size: int = 224) -> list[dict]:
-    """The rule for NiN's strided layers at `size`: output size, the formula, the rows never read."""
+    """The rule for NiN's windows wider than a pixel, up to the head, read off the model at
+    `size`: output size, the formula, the rows never read."""
     rows, h = [], size
-    for name, (k, s, p) in [("conv 11x11 s4", (11, 4, 0)), ("maxpool 3x3 s2", (3, 2, 0)),
-                            ("conv 5x5 p2", (5, 1, 2)), ("maxpool 3x3 s2 ", (3, 2, 0)),
-                            ("conv 3x3 p1", (3, 1, 1)), ("maxpool 3x3 s2  ", (3, 2, 0))]:
+    for m in NiN().modules():
+        if isinstance(m, nn.Dropout):  # the head follows
+            break
+        if not isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
+            continue
+        k, s, p = (v[0] if isinstance(v, tuple) else v for v in (m.kernel_size, m.stride, m.padding))  # pools hold ints
+        if k == 1:
+            continue
         out, formula, unvisited = window_rule(h, k, s, p)
-        rows.append({"layer": name.strip(), "input": h, "formula": formula, "output": out,
-                     "unread_last_rows": unvisited,
-                     "unread": f"rows {h - unvisited}..{h - 1}" if unvisited > 1 else
-                     (f"row {h - 1}" if unvisited else "none")})
+        name = f"{'conv' if isinstance(m, nn.Conv2d) else 'maxpool'} {k}x{k}" + (f" s{s}" if s > 1 else "") + (f" p{p}" if p else "")
+        rows.append({"layer": name, "input": h, "formula": formula, "output": out, "unread_last_rows": unvisited,
+                     "unread": f"rows {h - unvisited}..{h - 1}" if unvisited > 1 else (f"row {h - 1}" if unvisited else "none")})
         h = out
     return rows
