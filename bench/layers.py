@@ -2,8 +2,9 @@
 
 The service's ASGI app is called in process (no socket, no client), on the near-free model of
 bench/null_model.py so the serving path is all there is to time, with Prometheus in BentoML's
-multiprocess mode and uvloop, as in a worker. Call by call, in turn, each variant runs with one layer (or
-all four) made a pass-through; medians over every call. The wire-level counterpart is
+multiprocess mode and uvloop, as in a worker. In turn, in blocks of 100 calls, each variant runs with
+one layer (or all four) made a pass-through, and the hand-written FastAPI `async def` route
+(bench/reference.py) on the same model and image; medians over every call. The wire-level counterpart is
 `python -m bench.ab --arms service,no-bentoml-layers,fastapi-async` (bench/arms.py).
 
     .venv/bin/python -m bench.layers --calls 6000
@@ -23,6 +24,12 @@ from bench.images import multipart_body, real_test_pngs
 from serving.model_files import DEFAULT_MODEL
 
 
+ROUTE = "FastAPI async def route"
+# Calls in a row per variant: one app at a time keeps its code in the caches, as in a server
+# (alternating call by call, each paid for the other's misses: the route came out 0.17 ms slower).
+BLOCK = 100
+
+
 def bentoml_layers() -> dict[str, type]:
     """The four middlewares BentoML puts in front of every route, outermost first."""
     from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
@@ -39,10 +46,10 @@ async def pass_through(self, scope, receive, send) -> None:
     await self.app(scope, receive, send)
 
 
-async def call(app, body: bytes, ctype: str) -> int:
-    """One POST /classify through `app` (no TestClient: its thread hop and httpx would be timed too); its status."""
+async def call(app, body: bytes, ctype: str, path: str = "/classify") -> int:
+    """One POST `path` through `app` (no TestClient: its thread hop and httpx would be timed too); its status."""
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/classify", "raw_path": b"/classify", "query_string": b"", "root_path": "", "state": {},
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "state": {},
              "headers": [(b"host", b"x"), (b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())],
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
     sent, status = False, []
@@ -62,7 +69,8 @@ async def call(app, body: bytes, ctype: str) -> int:
     return status[0]
 
 
-async def measure(calls: int) -> dict[str, float]:
+async def measure(calls: int) -> dict[str, list[float]]:
+    """Per variant, the median µs of each block of calls, blocks in the order they ran."""
     from serving.service import NiNClassifier
 
     layers = bentoml_layers()
@@ -75,39 +83,49 @@ async def measure(calls: int) -> dict[str, float]:
     body, ctype = multipart_body(real_test_pngs(1)[0][0])
     while await call(app, body, ctype) != 200:  # 503 not_ready until the warm-up is done
         await asyncio.sleep(0.2)
-    variants = {"all layers": set(), **{f"without {name}": {name} for name in layers}, "without the four": set(layers)}
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for i in range(calls + 200):
+    import bench.reference as ref
+
+    variants = {"all layers": set(), **{f"without {name}": {name} for name in layers}, "without the four": set(layers),
+                ROUTE: set()}
+    blocks: dict[str, list[float]] = {v: [] for v in variants}
+    for block in range(calls // BLOCK + 2):  # the first two rounds of blocks warm every path up
         for variant, off in variants.items():
             for name, cls in layers.items():
                 cls.__call__ = pass_through if name in off else original[name]
-            t = time.perf_counter()
-            status = await call(app, body, ctype)
-            if status != 200:
-                raise RuntimeError(f"{variant}: HTTP {status}")
-            if i >= 200:  # the first calls warm every path up
-                times[variant].append(time.perf_counter() - t)
-    return {v: statistics.median(t) * 1e6 for v, t in times.items()}
+            times = []
+            for _ in range(BLOCK):
+                t = time.perf_counter()
+                status = await (call(ref.app, body, ctype, "/classify_async") if variant == ROUTE else call(app, body, ctype))
+                if status != 200:
+                    raise RuntimeError(f"{variant}: HTTP {status}")
+                times.append(time.perf_counter() - t)
+            if block >= 2:
+                blocks[variant].append(statistics.median(times) * 1e6)
+    return blocks
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="What each of BentoML's outer middlewares costs a request, in process.")
-    p.add_argument("--calls", type=int, default=6000, help="timed calls per variant (default: 6000)")
+    p.add_argument("--calls", type=int, default=6000, help="timed calls per variant, in blocks of 100 (default: 6000)")
     args = p.parse_args(argv)
-    if args.calls < 1:
-        print(f"error: --calls must be at least 1, got {args.calls}", file=sys.stderr)
+    if args.calls < BLOCK:
+        print(f"error: --calls must be at least {BLOCK}, got {args.calls}", file=sys.stderr)
         return 2
     from bench.null_model import make_null_model
 
-    os.environ["NIN_MODEL"] = str(make_null_model(tempfile.mkdtemp(prefix="nin-null-"), DEFAULT_MODEL))
+    os.environ["NIN_MODEL"] = os.environ["NIN_REF_MODEL"] = str(make_null_model(tempfile.mkdtemp(prefix="nin-null-"), DEFAULT_MODEL))
+    os.environ["NIN_REF_VARIANT"] = "int8"
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="nin-prom-"))
     import uvloop  # uvicorn's loop in a BentoML worker
 
-    medians = uvloop.run(measure(args.calls))
-    base = medians["all layers"]
-    print(f"median µs per POST /classify, null model, {args.calls} calls per variant:")
-    for variant, us in medians.items():
-        print(f"  {variant:26s} {us:8.1f}" + (f"   (the layer costs {base - us:5.1f})" if variant != "all layers" else ""))
+    blocks = uvloop.run(measure(args.calls))
+    base = blocks["all layers"]
+    print(f"µs per POST /classify, null model, {len(base)} blocks of {BLOCK} calls per variant: the median block, and the")
+    print("service with all four layers minus the variant, paired by round (median; the blocks where it was more)")
+    for variant, us in blocks.items():
+        diff = [b - u for b, u in zip(base, us)]
+        print(f"  {variant:26s} {statistics.median(us):8.1f}" + ("" if variant == "all layers" else
+              f"   {statistics.median(diff):+7.1f}   ({sum(d > 0 for d in diff)} of {len(diff)})"))
     return 0
 
 

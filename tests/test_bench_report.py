@@ -202,7 +202,7 @@ def test_layers_refuses_a_bad_call_count_in_one_line(capsys):
     from bench.layers import main
 
     assert main(["--calls", "0"]) == 2
-    assert capsys.readouterr().err.strip() == "error: --calls must be at least 1, got 0"
+    assert capsys.readouterr().err.strip() == "error: --calls must be at least 100, got 0"
 
 
 def test_null_model_has_the_contract_and_costs_next_to_nothing(tmp_path):
