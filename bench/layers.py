@@ -2,9 +2,9 @@
 
 The service's ASGI app is called in process (no socket, no client), on the near-free model of
 bench/null_model.py so the serving path is all there is to time, with Prometheus in BentoML's
-multiprocess mode and uvloop, as in a worker. In turn, in blocks of 100 calls, each variant runs with
-one layer (or all four) made a pass-through, and the hand-written FastAPI `async def` route
-(bench/reference.py) on the same model and image; medians over every call. The wire-level counterpart is
+multiprocess mode and uvloop, as in a worker. Each variant (all layers; one, or all four, made
+pass-throughs; the hand-written FastAPI `async def` route of bench/reference.py on the same model
+and image) runs a block of 100 calls in turn, the order rotating; block medians, paired by round. The wire-level counterpart is
 `python -m bench.ab --arms service,no-bentoml-layers,fastapi-async` (bench/arms.py).
 
     .venv/bin/python -m bench.layers --calls 6000
@@ -26,7 +26,7 @@ from serving.model_files import DEFAULT_MODEL
 
 ROUTE = "FastAPI async def route"
 # Calls in a row per variant: one app at a time keeps its code in the caches, as in a server
-# (alternating call by call, each paid for the other's misses: the route came out 0.17 ms slower).
+# (alternating call by call, each paid for the other's misses: the route came out level, not ahead).
 BLOCK = 100
 
 
@@ -89,7 +89,9 @@ async def measure(calls: int) -> dict[str, list[float]]:
                 ROUTE: set()}
     blocks: dict[str, list[float]] = {v: [] for v in variants}
     for block in range(calls // BLOCK + 2):  # the first two rounds of blocks warm every path up
-        for variant, off in variants.items():
+        names = list(variants)
+        for variant in names[block % len(names):] + names[:block % len(names)]:
+            off = variants[variant]
             for name, cls in layers.items():
                 cls.__call__ = pass_through if name in off else original[name]
             times = []
@@ -106,7 +108,7 @@ async def measure(calls: int) -> dict[str, list[float]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="What each of BentoML's outer middlewares costs a request, in process.")
-    p.add_argument("--calls", type=int, default=6000, help="timed calls per variant, in blocks of 100 (default: 6000)")
+    p.add_argument("--calls", type=int, default=6000, help="timed calls per variant, in blocks of 100 (rounded down; default: 6000)")
     args = p.parse_args(argv)
     if args.calls < BLOCK:
         print(f"error: --calls must be at least {BLOCK}, got {args.calls}", file=sys.stderr)
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     blocks = uvloop.run(measure(args.calls))
     base = blocks["all layers"]
-    print(f"µs per POST /classify, null model, {len(base)} blocks of {BLOCK} calls per variant: the median block, and the")
+    print(f"µs per call, null model, {len(base)} blocks of {BLOCK} calls per variant: the median block, and the")
     print("service with all four layers minus the variant, paired by round (median; the blocks where it was more)")
     for variant, us in blocks.items():
         diff = [b - u for b, u in zip(base, us)]

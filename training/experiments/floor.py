@@ -52,7 +52,9 @@ def nin_first_layers(size: int = 224) -> list[dict]:
     """The rule for NiN's windows wider than a pixel, up to the head, read off the model at
     `size`: output size, the formula, the rows never read."""
     rows, h = [], size
-    for m in NiN().modules():
+    with torch.device("meta"):  # shapes only: no weights, no draw from torch's RNG
+        model = NiN()
+    for m in model.modules():
         if isinstance(m, nn.Dropout):  # the head follows
             break
         if not isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
