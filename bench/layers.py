@@ -4,8 +4,8 @@ The service's ASGI app is called in process (no socket, no client), on the near-
 bench/null_model.py so the serving path is all there is to time, with Prometheus in BentoML's
 multiprocess mode and uvloop, as in a worker. Each variant (all layers; one, or all four, made
 pass-throughs; the hand-written FastAPI `async def` route of bench/reference.py on the same model
-and image) runs a block of 100 calls in turn, the order rotating; block medians, paired by round. The wire-level counterpart is
-`python -m bench.ab --arms service,no-bentoml-layers,fastapi-async` (bench/arms.py).
+and image) runs a block of 100 calls in turn, the order rotating; block medians, paired by round.
+The wire-level counterpart is `python -m bench.ab --arms service,no-bentoml-layers,fastapi-async` (bench/arms.py).
 
     .venv/bin/python -m bench.layers --calls 6000
 """
@@ -88,8 +88,8 @@ async def measure(calls: int) -> dict[str, list[float]]:
     variants = {"all layers": set(), **{f"without {name}": {name} for name in layers}, "without the four": set(layers),
                 ROUTE: set()}
     blocks: dict[str, list[float]] = {v: [] for v in variants}
+    names = list(variants)
     for block in range(calls // BLOCK + 2):  # the first two rounds of blocks warm every path up
-        names = list(variants)
         for variant in names[block % len(names):] + names[:block % len(names)]:
             off = variants[variant]
             for name, cls in layers.items():

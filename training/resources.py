@@ -34,7 +34,8 @@ def window_rule(size: int, k: int, s: int, p: int) -> tuple[int, str, int]:
     return out, formula, span % s
 
 
-def _pair(v) -> int:
+def side(v) -> int:
+    """A square window's kernel size, stride or padding: torch keeps a tuple for convolutions, an int for pools."""
     return v[0] if isinstance(v, tuple) else v
 
 
@@ -50,7 +51,7 @@ def layer_table(config: NiNConfig, batch_size: int = 1, image_size: int | None =
         row = {"name": name, "layer": type(m).__name__, "input_shape": list(shape), "floor": None,
                "unvisited": 0, "params": sum(p.numel() for p in m.parameters()), "macs": 0}
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
-            k, s, p = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding)
+            k, s, p = side(m.kernel_size), side(m.stride), side(m.padding)
             h_out, formula, unvisited = window_rule(h, k, s, p)
             w_out, _, _ = window_rule(w, k, s, p)
             c_out = m.out_channels if isinstance(m, nn.Conv2d) else c

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from training.model import NiN
-from training.resources import window_rule
+from training.resources import side, window_rule
 
 
 def rows_read(size: int, k: int, s: int, p: int) -> list[tuple[int, int]]:
@@ -59,7 +59,7 @@ def nin_first_layers(size: int = 224) -> list[dict]:
             break
         if not isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
             continue
-        k, s, p = (v[0] if isinstance(v, tuple) else v for v in (m.kernel_size, m.stride, m.padding))  # pools hold ints
+        k, s, p = side(m.kernel_size), side(m.stride), side(m.padding)
         if k == 1:
             continue
         out, formula, unvisited = window_rule(h, k, s, p)
